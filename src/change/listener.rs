@@ -1,0 +1,135 @@
+//! The dedicated LISTEN connection. It only drains notifications into a wake-up flag, so
+//! Postgres' notification queue never fills however slow the rest of quill is, and it
+//! reconnects with backoff when the connection dies. The log reader does the real work, so
+//! a notification lost while disconnected loses nothing: each (re)connect wakes the reader.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+/// The channel the capture trigger notifies.
+pub const CHANNEL: &str = "quill_change";
+
+/// How often the idle connection is checked for being alive (a LISTEN session can die
+/// silently, e.g. behind a NAT or after a failover).
+const PING_EVERY: Duration = Duration::from_secs(10);
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What `/ready` and `/metrics` know about the listener.
+#[derive(Debug, Default)]
+pub struct ListenerHealth {
+    pub connected: AtomicBool,
+    pub reconnects: AtomicU64,
+    pub notifications: AtomicU64,
+}
+
+/// Runs until `shutdown` is cancelled.
+pub async fn run_listener(
+    database_url: String,
+    wake: Arc<Notify>,
+    health: Arc<ListenerHealth>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        let session = listen_once(&database_url, &wake, &health, &shutdown);
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            outcome = session => outcome,
+        };
+        health.connected.store(false, Ordering::Relaxed);
+        match outcome {
+            Ok(()) => return,
+            Err(Lost::AfterConnect(reason)) => {
+                tracing::warn!(%reason, "LISTEN connection lost, reconnecting");
+                backoff = Duration::from_millis(100);
+            }
+            Err(Lost::Connect(reason)) => {
+                tracing::warn!(%reason, retry_in_ms = backoff.as_millis() as u64, "cannot open LISTEN connection");
+            }
+        }
+        if !first {
+            health.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        first = false;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+enum Lost {
+    Connect(String),
+    AfterConnect(String),
+}
+
+async fn listen_once(
+    database_url: &str,
+    wake: &Arc<Notify>,
+    health: &Arc<ListenerHealth>,
+    shutdown: &CancellationToken,
+) -> Result<(), Lost> {
+    let mut config =
+        tokio_postgres::Config::from_str(database_url).map_err(|e| Lost::Connect(e.to_string()))?;
+    config.application_name("quill listener");
+    let (client, mut connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| Lost::Connect(e.to_string()))?;
+    // Drive the connection in its own task: it must be polled for the client's queries to
+    // make progress, and it drains notifications as fast as they come.
+    let drain_wake = wake.clone();
+    let drain_health = health.clone();
+    let mut driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => {
+                    drain_health.notifications.fetch_add(1, Ordering::Relaxed);
+                    drain_wake.notify_one();
+                }
+                Ok(_) => {}
+                Err(e) => return e.to_string(),
+            }
+        }
+        "connection closed".to_owned()
+    });
+    let listen_sql = format!("LISTEN {CHANNEL}");
+    let listen = client.batch_execute(&listen_sql);
+    tokio::select! {
+        r = listen => r.map_err(|e| Lost::Connect(e.to_string()))?,
+        r = &mut driver => return Err(Lost::Connect(r.unwrap_or_else(|e| e.to_string()))),
+    }
+    health.connected.store(true, Ordering::Relaxed);
+    tracing::info!("listening for changes");
+    // Anything committed while we were not listening is in the log: read it now.
+    wake.notify_one();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                driver.abort();
+                return Ok(());
+            }
+            r = &mut driver => return Err(Lost::AfterConnect(r.unwrap_or_else(|e| e.to_string()))),
+            _ = ping.tick() => {
+                match tokio::time::timeout(PING_TIMEOUT, client.simple_query("")).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => { driver.abort(); return Err(Lost::AfterConnect(e.to_string())); }
+                    Err(_) => { driver.abort(); return Err(Lost::AfterConnect("ping timed out".into())); }
+                }
+            }
+        }
+    }
+}

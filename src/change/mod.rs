@@ -1,0 +1,47 @@
+//! Change capture, read side: committed changes from the change log, in commit order.
+//!
+//! [`listener`] keeps a dedicated LISTEN connection whose only job is to turn notifications
+//! into a wake-up flag; [`log::LogReader`] cuts the log into ticks and reads each tick's
+//! batch. Nothing downstream sees a notification: the log is the source of truth.
+
+pub mod listener;
+pub mod log;
+
+use std::future::Future;
+
+use serde_json::Value;
+
+pub use listener::{ListenerHealth, run_listener};
+pub use log::LogReader;
+
+use crate::event::EventKind;
+
+/// One logged change to one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub seq: i64,
+    pub table_schema: String,
+    pub table_name: String,
+    pub kind: EventKind,
+    pub row: Value,
+}
+
+/// Why the change log could not be read. Always transient from the reader's point of view:
+/// its position is kept, and the next call resumes where the failed one started.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("cannot read the change log")]
+    Database(#[from] sqlx::Error),
+    #[error("the change log holds an unknown kind '{0}'")]
+    UnknownKind(String),
+}
+
+/// A stream of committed changes.
+///
+/// Contract: every committed change is returned exactly once and nothing from a rolled-back
+/// transaction ever is. Batches follow commit order; within a batch, changes follow `seq`, so
+/// changes to one row come in the order they were made. On error nothing is consumed.
+pub trait ChangeSource: Send {
+    /// The next non-empty batch, waiting as long as needed.
+    fn next_batch(&mut self) -> impl Future<Output = Result<Vec<Change>, ChangeError>> + Send;
+}

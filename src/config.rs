@@ -1,0 +1,344 @@
+//! quill's configuration: plain serde data, read from TOML, checked once by [`Config::validate`].
+//!
+//! Environment overrides (`DATABASE_URL`, `PORT`) are applied by the binary, not here, so
+//! tests build a `Config` in code without touching the process environment.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}")]
+    Parse {
+        path: String,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration of one quill process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// PostgreSQL connection URL. `DATABASE_URL` overrides it; without either, `quill serve`
+    /// starts a private demo cluster.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// Address to listen on.
+    #[serde(default = "default_host")]
+    pub host: IpAddr,
+    /// Port to listen on (`PORT` overrides it). 3030 is Feathers' default.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// How many connections the query pool may open.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// Frames a WebSocket connection may have queued before it is cut off as too slow.
+    #[serde(default = "default_outgoing_queue")]
+    pub outgoing_queue: usize,
+    /// Seconds between checks for changes when no wake-up arrives (a safety net only).
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// Create the demo tables (`users`, `messages`) if they are missing.
+    #[serde(default)]
+    pub demo_tables: bool,
+    /// The services, by name (the URL path segment).
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+/// One service: a table exposed through the Feathers methods.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The table, as `table` or `schema.table`. Defaults to the service name in `public`.
+    #[serde(default)]
+    pub table: Option<String>,
+    /// The primary key column.
+    #[serde(default = "default_id")]
+    pub id: String,
+    /// Which methods may work on many rows at once (array create, patch/remove without id):
+    /// `true`, `false` (the default, as in Feathers) or a list such as `["create", "patch"]`.
+    #[serde(default)]
+    pub multi: Multi,
+    /// Page sizes for `find`, or `false` for a plain array.
+    #[serde(default)]
+    pub paginate: Paginate,
+    /// Columns that never leave quill: removed from every response and every event.
+    #[serde(default)]
+    pub hidden: Vec<String>,
+}
+
+impl ServiceConfig {
+    /// `(schema, table)` of this service's table.
+    pub fn table_name(&self, service: &str) -> (String, String) {
+        match self.table.as_deref() {
+            Some(t) => match t.split_once('.') {
+                Some((schema, table)) => (schema.to_owned(), table.to_owned()),
+                None => ("public".to_owned(), t.to_owned()),
+            },
+            None => ("public".to_owned(), service.to_owned()),
+        }
+    }
+}
+
+/// Feathers' `multi` option.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Multi {
+    All(bool),
+    Methods(Vec<String>),
+}
+
+impl Default for Multi {
+    fn default() -> Self {
+        Multi::All(false)
+    }
+}
+
+impl Multi {
+    pub fn allows(&self, method: &str) -> bool {
+        match self {
+            Multi::All(all) => *all,
+            Multi::Methods(methods) => methods.iter().any(|m| m == method),
+        }
+    }
+}
+
+/// Feathers' `paginate` option.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Paginate {
+    /// `paginate = false` gives plain arrays; `true` is the same as the default sizes.
+    Enabled(bool),
+    Sizes {
+        default: u32,
+        max: u32,
+    },
+}
+
+impl Default for Paginate {
+    fn default() -> Self {
+        Paginate::Sizes {
+            default: 10,
+            max: 50,
+        }
+    }
+}
+
+impl Paginate {
+    /// `(default, max)` page sizes, or `None` when pagination is off.
+    pub fn sizes(self) -> Option<(u32, u32)> {
+        match self {
+            Paginate::Enabled(false) => None,
+            Paginate::Enabled(true) => Some((10, 50)),
+            Paginate::Sizes { default, max } => Some((default, max)),
+        }
+    }
+}
+
+/// Paths quill serves itself, so no service may take them.
+const RESERVED_PATHS: [&str; 6] = [
+    "authentication",
+    "ws",
+    "health",
+    "ready",
+    "metrics",
+    "socket.io",
+];
+
+fn default_host() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+}
+fn default_port() -> u16 {
+    3030
+}
+fn default_pool_size() -> u32 {
+    10
+}
+fn default_outgoing_queue() -> usize {
+    1024
+}
+fn default_poll_interval_ms() -> u64 {
+    2000
+}
+fn default_id() -> String {
+    "id".to_owned()
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            host: default_host(),
+            port: default_port(),
+            pool_size: default_pool_size(),
+            outgoing_queue: default_outgoing_queue(),
+            poll_interval_ms: default_poll_interval_ms(),
+            demo_tables: false,
+            services: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "<inline>".into(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The demo: the `users` and `messages` tables of the Feathers real-time guide.
+    pub fn demo() -> Self {
+        let mut config = Config {
+            demo_tables: true,
+            ..Config::default()
+        };
+        config.services.insert(
+            "users".into(),
+            ServiceConfig {
+                table: None,
+                id: default_id(),
+                multi: Multi::default(),
+                paginate: Paginate::default(),
+                hidden: vec!["password".into()],
+            },
+        );
+        config.services.insert(
+            "messages".into(),
+            ServiceConfig {
+                table: None,
+                id: default_id(),
+                multi: Multi::default(),
+                paginate: Paginate::default(),
+                hidden: Vec::new(),
+            },
+        );
+        config
+    }
+
+    /// Checks what can be checked without a database. Table and column names are checked
+    /// against the catalog at start-up.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.outgoing_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "outgoing_queue must be at least 1".into(),
+            ));
+        }
+        if self.pool_size == 0 {
+            return Err(ConfigError::Invalid("pool_size must be at least 1".into()));
+        }
+        for (name, service) in &self.services {
+            let valid_name = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid_name || RESERVED_PATHS.contains(&name.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "service name '{name}' must be letters, digits, '_' or '-' and not one of {RESERVED_PATHS:?}"
+                )));
+            }
+            if let Some((default, max)) = service.paginate.sizes()
+                && (default == 0 || max == 0 || default > max)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "service '{name}': paginate needs 0 < default <= max"
+                )));
+            }
+            if let Multi::Methods(methods) = &service.multi
+                && let Some(bad) = methods
+                    .iter()
+                    .find(|m| !["create", "patch", "remove"].contains(&m.as_str()))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "service '{name}': multi method '{bad}' must be create, patch or remove"
+                )));
+            }
+            if service.hidden.contains(&service.id) {
+                return Err(ConfigError::Invalid(format!(
+                    "service '{name}': the id column '{}' cannot be hidden",
+                    service.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms.max(10))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_service_with_every_option() {
+        let c = Config::from_toml(
+            r#"
+            port = 4000
+            [services.posts]
+            table = "blog.posts"
+            id = "post_id"
+            multi = ["create", "patch"]
+            paginate = { default = 5, max = 20 }
+            hidden = ["secret"]
+            "#,
+        )
+        .expect("valid config");
+        let s = &c.services["posts"];
+        assert_eq!(s.table_name("posts"), ("blog".into(), "posts".into()));
+        assert!(s.multi.allows("patch") && !s.multi.allows("remove"));
+        assert_eq!(s.paginate.sizes(), Some((5, 20)));
+        assert_eq!(c.port, 4000);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Config::from_toml("[services.a]\ntabel = \"x\"").expect_err("typo must fail");
+        assert!(err.to_string().contains("invalid config"), "{err}");
+    }
+
+    #[test]
+    fn paginate_false_gives_plain_arrays() {
+        let c = Config::from_toml("[services.a]\npaginate = false").expect("valid");
+        assert_eq!(c.services["a"].paginate.sizes(), None);
+    }
+
+    #[test]
+    fn bad_multi_method_is_rejected() {
+        assert!(Config::from_toml("[services.a]\nmulti = [\"find\"]").is_err());
+    }
+}

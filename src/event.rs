@@ -1,0 +1,48 @@
+//! A service event: one committed change to one row, as subscribers see it.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// The Feathers event names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Created,
+    Updated,
+    Patched,
+    Removed,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Updated => "updated",
+            Self::Patched => "patched",
+            Self::Removed => "removed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "created" => Some(Self::Created),
+            "updated" => Some(Self::Updated),
+            "patched" => Some(Self::Patched),
+            "removed" => Some(Self::Removed),
+            _ => None,
+        }
+    }
+}
+
+/// One change, ready for fan-out: the row is already stripped of hidden fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceEvent {
+    pub service: Arc<str>,
+    pub kind: EventKind,
+    /// The new row, or for `removed` the removed row.
+    pub data: Value,
+    /// Position in the change log; unique, and increasing within one batch.
+    pub seq: i64,
+}

@@ -1,0 +1,131 @@
+//! The composition root: connects, migrates, builds the services, spawns the listener and
+//! the delivery pipeline, serves HTTP, and owns shutdown.
+
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::change::{ChangeError, ListenerHealth, LogReader, run_listener};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::pipeline;
+use crate::service::{Services, SetupError};
+use crate::transport::{AppState, router};
+
+/// How long shutdown waits for tasks and sockets before giving up.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why quill could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot connect to the database")]
+    Connect(#[source] sqlx::Error),
+    #[error("cannot run the migrations")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error("cannot read the change log")]
+    ChangeLog(#[from] ChangeError),
+    #[error("HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Connects a pool and runs the migrations (the demo tables too when configured).
+pub async fn connect_and_migrate(
+    database_url: &str,
+    config: &Config,
+) -> Result<PgPool, GatewayError> {
+    let options = PgConnectOptions::from_str(database_url)
+        .map_err(GatewayError::Connect)?
+        .application_name("quill");
+    let pool = PgPoolOptions::new()
+        .max_connections(config.pool_size)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(GatewayError::Connect)?;
+    migrate(&pool, config.demo_tables).await?;
+    Ok(pool)
+}
+
+/// Applies quill's migrations. Safe to run from several processes at once: sqlx takes an
+/// advisory lock.
+pub async fn migrate(pool: &PgPool, demo_tables: bool) -> Result<(), GatewayError> {
+    let mut core = sqlx::migrate!("./migrations");
+    core.set_ignore_missing(true);
+    core.run(pool).await?;
+    if demo_tables {
+        let mut demo = sqlx::migrate!("./migrations/demo");
+        demo.set_ignore_missing(true);
+        demo.run(pool).await?;
+    }
+    Ok(())
+}
+
+/// Runs quill on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    database_url: String,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    let pool = connect_and_migrate(&database_url, &config).await?;
+    let services = Arc::new(Services::build(pool.clone(), &config).await?);
+    let hub = Hub::new();
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let wake = Arc::new(Notify::new());
+    let listener_health = Arc::new(ListenerHealth::default());
+    tracker.spawn(run_listener(
+        database_url,
+        wake.clone(),
+        listener_health.clone(),
+        token.clone(),
+    ));
+    let reader = LogReader::start(pool.clone(), wake, config.poll_interval()).await?;
+    tracker.spawn(pipeline::deliver(
+        reader,
+        services.clone(),
+        hub.clone(),
+        token.clone(),
+    ));
+
+    let state = AppState {
+        services,
+        hub,
+        listener: listener_health,
+        outgoing_queue: config.outgoing_queue,
+        shutdown: token.clone(),
+    };
+    let app = router(state);
+    let stop = token.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stop.cancel();
+    });
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "quill is serving");
+    }
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(token.clone().cancelled_owned())
+        .await;
+    token.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop in time");
+    }
+    pool.close().await;
+    served.map_err(GatewayError::Serve)
+}

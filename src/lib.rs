@@ -1,0 +1,37 @@
+//! quill: a real-time gateway for PostgreSQL.
+//!
+//! # Layout
+//! The tree follows the two directions data moves in:
+//!
+//! ```text
+//!  a call                                   a change
+//!  transport/{rest,ws}  decode              Postgres commit → trigger → quill.change_log
+//!     ▼                                        ▼  (NOTIFY is only a wake-up)
+//!  service/   Feathers method semantics     change/   listener (LISTEN) + log reader (ticks)
+//!     ▼       query.rs: typed Query            ▼
+//!  store/     the only SQL: catalog,        pipeline  change → ServiceEvent (stripped)
+//!             statement builder, capture       ▼
+//!     ▼                                     hub/      subscriptions, bounded queue per socket
+//!  Postgres                                    ▼
+//!                                           transport/ws  session → socket
+//! ```
+//!
+//! [`gateway::run`] wires it together; [`cluster`] starts a private Postgres for the demo
+//! and for tests.
+
+pub mod change;
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod gateway;
+pub mod hub;
+pub mod pipeline;
+pub mod service;
+pub mod store;
+pub mod transport;
+
+pub use config::Config;
+pub use error::{Error, ErrorKind};
+pub use event::{EventKind, ServiceEvent};
+pub use gateway::{GatewayError, run};

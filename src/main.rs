@@ -1,0 +1,150 @@
+//! The `quill` binary: CLI, configuration, logging, signals. Everything else is the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use quill::Config;
+use quill::cluster::LocalCluster;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "quill", version, about = "A real-time gateway for PostgreSQL")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the configured services (the demo without a config file).
+    Serve(Options),
+    /// Apply quill's migrations and exit.
+    Migrate(Options),
+}
+
+#[derive(clap::Args)]
+struct Options {
+    /// TOML configuration file; without one quill serves the demo (users, messages).
+    #[arg(long, env = "QUILL_CONFIG")]
+    config: Option<PathBuf>,
+    /// PostgreSQL URL. Without it (and without `database_url` in the config) quill starts a
+    /// private PostgreSQL from the installed binaries.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// HTTP port (default 3030).
+    #[arg(long, env = "PORT")]
+    port: Option<u16>,
+    /// Where the private PostgreSQL keeps its data.
+    #[arg(long, env = "QUILL_DATA_DIR", default_value = ".quill/postgres")]
+    data_dir: PathBuf,
+    /// Port of the private PostgreSQL (on 127.0.0.1).
+    #[arg(long, env = "QUILL_PG_PORT", default_value_t = 54330)]
+    pg_port: u16,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Serve(opts) => runtime.block_on(serve(opts)),
+        Command::Migrate(opts) => runtime.block_on(migrate(opts)),
+    }
+}
+
+fn load_config(opts: &Options) -> anyhow::Result<Config> {
+    let mut config = match &opts.config {
+        Some(path) => {
+            Config::from_file(path).with_context(|| format!("loading {}", path.display()))?
+        }
+        None => Config::demo(),
+    };
+    if let Some(port) = opts.port {
+        config.port = port;
+    }
+    if let Some(url) = &opts.database_url {
+        config.database_url = Some(url.clone());
+    }
+    Ok(config)
+}
+
+/// The database URL, starting the private cluster when none is configured.
+async fn database(
+    config: &Config,
+    opts: &Options,
+) -> anyhow::Result<(String, Option<LocalCluster>)> {
+    if let Some(url) = &config.database_url {
+        return Ok((url.clone(), None));
+    }
+    let dir = opts.data_dir.clone();
+    let port = opts.pg_port;
+    tracing::info!(data_dir = %dir.display(), port, "no DATABASE_URL: starting a private PostgreSQL");
+    let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&dir, port))
+        .await
+        .context("starting PostgreSQL")?
+        .context("starting the private PostgreSQL")?;
+    let admin = cluster.url("postgres");
+    let pool = sqlx::PgPool::connect(&admin)
+        .await
+        .context("connecting to the private PostgreSQL")?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'quill')")
+            .fetch_one(&pool)
+            .await?;
+    if !exists {
+        sqlx::query("CREATE DATABASE quill").execute(&pool).await?;
+    }
+    pool.close().await;
+    let url = cluster.url("quill");
+    tracing::info!(psql = %format!("psql {url}"), "private PostgreSQL is up");
+    Ok((url, Some(cluster)))
+}
+
+async fn serve(opts: Options) -> anyhow::Result<()> {
+    let config = load_config(&opts)?;
+    let (url, cluster) = database(&config, &opts).await?;
+    let addr = std::net::SocketAddr::new(config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let result = quill::run(config, url, listener, shutdown_signal()).await;
+    drop(cluster);
+    result.context("quill stopped with an error")
+}
+
+async fn migrate(opts: Options) -> anyhow::Result<()> {
+    let config = load_config(&opts)?;
+    let (url, cluster) = database(&config, &opts).await?;
+    let pool = quill::gateway::connect_and_migrate(&url, &config).await?;
+    pool.close().await;
+    drop(cluster);
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}

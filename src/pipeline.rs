@@ -1,0 +1,59 @@
+//! The outbound pipeline: change source → service events (stripped) → hub.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::change::{Change, ChangeSource};
+use crate::event::ServiceEvent;
+use crate::hub::Hub;
+use crate::service::Services;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Delivers every change the source yields until `shutdown`. A read error is retried with
+/// backoff; the source keeps its position, so nothing is lost or repeated.
+pub async fn deliver<S: ChangeSource>(
+    mut source: S,
+    services: Arc<Services>,
+    hub: Arc<Hub>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let batch = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            batch = source.next_batch() => batch,
+        };
+        match batch {
+            Ok(changes) => {
+                backoff = Duration::from_millis(100);
+                for change in &changes {
+                    publish(change, &services, &hub);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reading the change log failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+fn publish(change: &Change, services: &Services, hub: &Hub) {
+    for service in services.for_table(&change.table_schema, &change.table_name) {
+        let mut data = change.row.clone();
+        service.strip(&mut data);
+        hub.publish(&ServiceEvent {
+            service: service.name.clone(),
+            kind: change.kind,
+            data,
+            seq: change.seq,
+        });
+    }
+}

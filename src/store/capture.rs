@@ -1,0 +1,72 @@
+//! Installs quill's capture triggers on a table. Idempotent, and safe when several quill
+//! instances start at once: they serialize on an advisory lock and skip what exists.
+
+use sqlx::{AssertSqlSafe, PgPool};
+
+use super::catalog::Table;
+use super::sql::quote_ident;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot install change capture on {table}")]
+pub struct CaptureError {
+    table: String,
+    #[source]
+    source: sqlx::Error,
+}
+
+/// The triggers, by name: (name, event, transition table clause).
+const TRIGGERS: [(&str, &str, &str); 3] = [
+    (
+        "quill_capture_insert",
+        "INSERT",
+        "REFERENCING NEW TABLE AS quill_new",
+    ),
+    (
+        "quill_capture_update",
+        "UPDATE",
+        "REFERENCING NEW TABLE AS quill_new",
+    ),
+    (
+        "quill_capture_delete",
+        "DELETE",
+        "REFERENCING OLD TABLE AS quill_old",
+    ),
+];
+
+/// Makes sure the three capture triggers exist on `table`.
+pub async fn install_capture(pool: &PgPool, table: &Table) -> Result<(), CaptureError> {
+    let err = |source| CaptureError {
+        table: format!("{}.{}", table.schema, table.name),
+        source,
+    };
+    let present: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = ANY($2)",
+    )
+    .bind(&table.qualified)
+    .bind(TRIGGERS.iter().map(|t| t.0).collect::<Vec<_>>())
+    .fetch_one(pool)
+    .await
+    .map_err(err)?;
+    if present == TRIGGERS.len() as i64 {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await.map_err(err)?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('quill.install_capture'))")
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+    for (name, event, transition) in TRIGGERS {
+        let sql = format!(
+            "CREATE OR REPLACE TRIGGER {name} AFTER {event} ON {table} {transition} \
+             FOR EACH STATEMENT EXECUTE FUNCTION quill.capture()",
+            name = quote_ident(name),
+            table = table.qualified,
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+    }
+    tx.commit().await.map_err(err)?;
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! What quill knows about a table, read from the Postgres catalog at start-up.
+//!
+//! Every identifier that reaches SQL comes from here, never from a request.
+
+use sqlx::PgPool;
+
+use super::sql::quote_ident;
+
+/// Why a configured table cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("service '{service}': table {schema}.{table} does not exist")]
+    MissingTable {
+        service: String,
+        schema: String,
+        table: String,
+    },
+    #[error(
+        "service '{service}': {schema}.{table} is not a plain table (views cannot be captured)"
+    )]
+    NotATable {
+        service: String,
+        schema: String,
+        table: String,
+    },
+    #[error("service '{service}': table {schema}.{table} has no column '{column}'")]
+    MissingColumn {
+        service: String,
+        schema: String,
+        table: String,
+        column: String,
+    },
+    #[error("cannot read the catalog")]
+    Database(#[from] sqlx::Error),
+}
+
+/// A column and what quill needs to bind values to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    /// The type as Postgres prints it (`format_type`), used in `CAST($n AS <type>)`.
+    pub sql_type: String,
+    /// Values of this column cannot be written (GENERATED ALWAYS).
+    pub read_only: bool,
+    pub key_kind: KeyKind,
+}
+
+/// How an id in a URL is checked before it reaches SQL, so that a string for an integer key
+/// is a 404 (as in Feathers) rather than a cast error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Integer,
+    Uuid,
+    Other,
+}
+
+/// A captured table.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub schema: String,
+    pub name: String,
+    /// `"schema"."name"`, quoted.
+    pub qualified: String,
+    pub columns: Vec<Column>,
+    /// Index of the id column in `columns`.
+    id: usize,
+}
+
+impl Table {
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    pub fn id(&self) -> &Column {
+        &self.columns[self.id]
+    }
+
+    /// Reads a table's columns; fails with a message naming what is missing.
+    pub async fn load(
+        pool: &PgPool,
+        service: &str,
+        schema: &str,
+        name: &str,
+        id_column: &str,
+        extra_columns: &[String],
+    ) -> Result<Table, CatalogError> {
+        let qualified = format!("{}.{}", quote_ident(schema), quote_ident(name));
+        let missing = || CatalogError::MissingTable {
+            service: service.into(),
+            schema: schema.into(),
+            table: name.into(),
+        };
+        let kind: Option<String> =
+            sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)")
+                .bind(&qualified)
+                .fetch_optional(pool)
+                .await?;
+        match kind.as_deref() {
+            None => return Err(missing()),
+            Some("r") | Some("p") => {}
+            Some(_) => {
+                return Err(CatalogError::NotATable {
+                    service: service.into(),
+                    schema: schema.into(),
+                    table: name.into(),
+                });
+            }
+        }
+        let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attidentity::text,
+                    a.attgenerated::text, t.typname::text
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum",
+        )
+        .bind(&qualified)
+        .fetch_all(pool)
+        .await?;
+        let columns: Vec<Column> = rows
+            .into_iter()
+            .map(|(name, sql_type, identity, generated, typname)| Column {
+                name,
+                sql_type,
+                read_only: identity == "a" || generated == "s",
+                key_kind: match typname.as_str() {
+                    "int2" | "int4" | "int8" => KeyKind::Integer,
+                    "uuid" => KeyKind::Uuid,
+                    _ => KeyKind::Other,
+                },
+            })
+            .collect();
+        let missing_column = |column: &str| CatalogError::MissingColumn {
+            service: service.into(),
+            schema: schema.into(),
+            table: name.into(),
+            column: column.into(),
+        };
+        let id = columns
+            .iter()
+            .position(|c| c.name == id_column)
+            .ok_or_else(|| missing_column(id_column))?;
+        if let Some(column) = extra_columns
+            .iter()
+            .find(|c| !columns.iter().any(|col| &col.name == *c))
+        {
+            return Err(missing_column(column));
+        }
+        Ok(Table {
+            schema: schema.into(),
+            name: name.into(),
+            qualified,
+            columns,
+            id,
+        })
+    }
+
+    /// A table built in code, for unit tests of the query and SQL layers.
+    #[cfg(test)]
+    pub(crate) fn for_tests(schema: &str, name: &str, id: &str, columns: &[(&str, &str)]) -> Table {
+        let columns: Vec<Column> = columns
+            .iter()
+            .map(|(n, t)| Column {
+                name: (*n).into(),
+                sql_type: (*t).into(),
+                read_only: false,
+                key_kind: if t.contains("int") {
+                    KeyKind::Integer
+                } else {
+                    KeyKind::Other
+                },
+            })
+            .collect();
+        let id = columns
+            .iter()
+            .position(|c| c.name == id)
+            .expect("test table has its id");
+        Table {
+            schema: schema.into(),
+            name: name.into(),
+            qualified: format!("{}.{}", quote_ident(schema), quote_ident(name)),
+            columns,
+            id,
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The only module that talks SQL to the data tables: runs [`sql`] statements over a pool
+//! and turns database errors into Feathers errors that never carry SQL text.
+
+mod capture;
+mod catalog;
+mod sql;
+
+use serde_json::{Map, Value};
+use sqlx::postgres::{PgArguments, PgDatabaseError};
+use sqlx::query::QueryScalar;
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, PgPool, Postgres};
+
+pub use capture::{CaptureError, install_capture};
+pub use catalog::{CatalogError, Column, KeyKind, Table};
+pub use sql::{Target, WriteMode};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::service::query::{Condition, Query};
+use sql::{Bind, Statement};
+
+/// Reads and writes service tables.
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn select(
+        &self,
+        table: &Table,
+        query: &Query,
+        id: Option<&str>,
+        limit: Option<i64>,
+    ) -> Result<Vec<Value>> {
+        let st = sql::select(table, query, id, limit);
+        rows(&st)
+            .fetch_all(&self.pool)
+            .await
+            .map(unwrap_rows)
+            .map_err(db_error)
+    }
+
+    pub async fn count(&self, table: &Table, filter: &[Condition]) -> Result<i64> {
+        let st = sql::count(table, filter);
+        let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(st.sql.clone()));
+        for b in &st.binds {
+            q = bind(q, b);
+        }
+        q.fetch_one(&self.pool).await.map_err(db_error)
+    }
+
+    /// Inserts rows; several rows go in one transaction, so either all or none are written.
+    pub async fn insert(&self, table: &Table, items: &[Map<String, Value>]) -> Result<Vec<Value>> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let st = sql::insert(table, item);
+            let row = rows(&st).fetch_one(&mut *tx).await.map_err(db_error)?;
+            out.push(row.0);
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(out)
+    }
+
+    pub async fn update(
+        &self,
+        table: &Table,
+        target: Target<'_>,
+        row: &Map<String, Value>,
+        mode: WriteMode,
+    ) -> Result<Vec<Value>> {
+        let st = sql::update(table, target, row, mode);
+        rows(&st)
+            .fetch_all(&self.pool)
+            .await
+            .map(unwrap_rows)
+            .map_err(db_error)
+    }
+
+    pub async fn delete(&self, table: &Table, target: Target<'_>) -> Result<Vec<Value>> {
+        let st = sql::delete(table, target);
+        rows(&st)
+            .fetch_all(&self.pool)
+            .await
+            .map(unwrap_rows)
+            .map_err(db_error)
+    }
+}
+
+fn rows(st: &Statement) -> QueryScalar<'_, Postgres, Json<Value>, PgArguments> {
+    let mut q = sqlx::query_scalar::<_, Json<Value>>(AssertSqlSafe(st.sql.clone()));
+    for b in &st.binds {
+        q = bind(q, b);
+    }
+    q
+}
+
+fn bind<'q, O>(
+    q: QueryScalar<'q, Postgres, O, PgArguments>,
+    value: &'q Bind,
+) -> QueryScalar<'q, Postgres, O, PgArguments> {
+    match value {
+        Bind::Text(s) => q.bind(s.as_str()),
+        Bind::TextArray(items) => q.bind(items.as_slice()),
+        Bind::Json(v) => q.bind(Json(v)),
+        Bind::Int(n) => q.bind(*n),
+    }
+}
+
+fn unwrap_rows(rows: Vec<Json<Value>>) -> Vec<Value> {
+    rows.into_iter().map(|r| r.0).collect()
+}
+
+/// Maps a database error to what the client may know: constraint and type errors are the
+/// client's (400, naming the column), lost connections are 503, the rest is logged and a 500.
+pub(crate) fn db_error(err: sqlx::Error) -> Error {
+    match &err {
+        sqlx::Error::Database(db) => {
+            let Some(pg) = db.try_downcast_ref::<PgDatabaseError>() else {
+                return general(&err);
+            };
+            let code = pg.code();
+            let column = pg
+                .column()
+                .map(str::to_owned)
+                .or_else(|| key_column(pg.detail()));
+            match code {
+                "23505" => field_error(
+                    column,
+                    "already exists",
+                    "a row with this value already exists",
+                ),
+                "23502" => field_error(column, "must not be null", "a required value is missing"),
+                "23503" => field_error(
+                    column,
+                    "refers to a row that does not exist",
+                    "a referenced row does not exist",
+                ),
+                "23514" => {
+                    let constraint = pg.constraint().unwrap_or("check");
+                    Error::bad_request(format!(
+                        "value violates the check constraint '{constraint}'"
+                    ))
+                }
+                "23P01" => Error::bad_request("value conflicts with an existing row"),
+                c if c.starts_with("22") => {
+                    Error::bad_request(format!("invalid value: {}", pg.message()))
+                }
+                // insufficient privilege on the table
+                "42501" => Error::new(ErrorKind::Forbidden, "the database refused this operation"),
+                c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {
+                    Error::unavailable("the database is unavailable, try again shortly")
+                }
+                _ => general(&err),
+            }
+        }
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+            Error::unavailable("the database is unavailable, try again shortly")
+        }
+        _ => general(&err),
+    }
+}
+
+fn field_error(column: Option<String>, what: &str, generic: &str) -> Error {
+    match column {
+        Some(c) => Error::bad_request(format!("'{c}' {what}")).with_field(&c, what),
+        None => Error::bad_request(generic),
+    }
+}
+
+/// The column list of `Key (email)=(...) already exists.`, without the value.
+fn key_column(detail: Option<&str>) -> Option<String> {
+    let rest = detail?.strip_prefix("Key (")?;
+    let end = rest.find(")=")?;
+    Some(rest[..end].to_owned())
+}
+
+fn general(err: &sqlx::Error) -> Error {
+    tracing::error!(error = %err, "database error");
+    Error::general("internal error")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_column;
+
+    #[test]
+    fn key_column_names_the_column_without_the_value() {
+        assert_eq!(
+            key_column(Some("Key (email)=(a@b.c) already exists.")),
+            Some("email".into())
+        );
+        assert_eq!(key_column(Some("something else")), None);
+    }
+}

@@ -1,0 +1,231 @@
+//! The plain JSON WebSocket protocol at `/ws`: one JSON object per text frame.
+//!
+//! Calls: `{"ref", "method", "service", "id"?, "data"?, "query"?}` → `{"ref", "result"}` or
+//! `{"ref", "error"}`; `subscribe`/`unsubscribe` with optional `kinds`; events
+//! `{"event", "service", "data", "seq"}`. The session is generic over a Sink/Stream of
+//! [`Inbound`]/[`Outbound`] so that it does not depend on axum.
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use bytes::Bytes;
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use serde_json::{Map, Value, json};
+use tokio::task::JoinSet;
+
+use super::{AppState, MAX_BODY_BYTES};
+use crate::error::Error;
+use crate::event::EventKind;
+use crate::hub::{Frame, KindSet};
+use crate::service::{Method, ServiceCall};
+
+/// Close code for a connection cut off because it did not read fast enough.
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code when quill shuts down (RFC 6455 "going away").
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// A frame from the client.
+#[derive(Debug)]
+pub enum Inbound {
+    Text(String),
+    Binary,
+    Close,
+}
+
+/// A frame to the client.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Text(Frame),
+    Close { code: u16, reason: &'static str },
+}
+
+pub(super) async fn upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+    ws.max_message_size(MAX_BODY_BYTES)
+        .on_upgrade(move |socket| serve_socket(state, socket))
+}
+
+async fn serve_socket(state: AppState, socket: WebSocket) {
+    let (sink, stream) = socket.split();
+    let sink = sink.with(|out: Outbound| async move {
+        Ok::<_, axum::Error>(match out {
+            // Frames are built from serde_json output, so they are UTF-8.
+            Outbound::Text(bytes) => match Utf8Bytes::try_from(bytes) {
+                Ok(text) => Message::Text(text),
+                Err(_) => Message::Text(Utf8Bytes::from_static("{}")),
+            },
+            Outbound::Close { code, reason } => Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            })),
+        })
+    });
+    let stream = stream.filter_map(|m| async move {
+        match m {
+            Ok(Message::Text(t)) => Some(Inbound::Text(t.to_string())),
+            Ok(Message::Binary(_)) => Some(Inbound::Binary),
+            Ok(Message::Close(_)) | Err(_) => Some(Inbound::Close),
+            Ok(Message::Ping(_) | Message::Pong(_)) => None,
+        }
+    });
+    run_session(state, Box::pin(sink), Box::pin(stream)).await;
+}
+
+/// Serves one connection until the client leaves, the hub cuts it off or quill shuts down.
+pub async fn run_session<Tx, Rx>(state: AppState, mut tx: Tx, mut rx: Rx)
+where
+    Tx: Sink<Outbound> + Unpin,
+    Rx: Stream<Item = Inbound> + Unpin,
+{
+    let mut member = state.hub.join(state.outgoing_queue);
+    let mut calls = JoinSet::new();
+    loop {
+        tokio::select! {
+            reason = member.kick.fired() => {
+                let _ = tx.send(Outbound::Close { code: CLOSE_SLOW_CONSUMER, reason }).await;
+                break;
+            }
+            _ = state.shutdown.cancelled() => {
+                let _ = tx.send(Outbound::Close { code: CLOSE_GOING_AWAY, reason: "server shutting down" }).await;
+                break;
+            }
+            Some(frame) = member.frames.recv() => {
+                if tx.send(Outbound::Text(frame)).await.is_err() {
+                    break;
+                }
+            }
+            inbound = rx.next() => match inbound {
+                None | Some(Inbound::Close) => break,
+                Some(Inbound::Binary) => {
+                    let reply = error_frame(&Value::Null, &Error::bad_request("binary frames are not supported; send JSON text"));
+                    send_later(&mut calls, &member.replies, reply);
+                }
+                Some(Inbound::Text(text)) => handle(&state, member.id, &member.replies, &mut calls, &text),
+            },
+            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+        }
+    }
+}
+
+fn handle(
+    state: &AppState,
+    conn: crate::hub::ConnId,
+    replies: &tokio::sync::mpsc::Sender<Frame>,
+    calls: &mut JoinSet<()>,
+    text: &str,
+) {
+    let mut request = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(obj)) => obj,
+        Ok(_) => {
+            let e = Error::bad_request("a message must be a JSON object");
+            return send_later(calls, replies, error_frame(&Value::Null, &e));
+        }
+        Err(e) => {
+            let e = Error::bad_request(format!("invalid JSON: {e}"));
+            return send_later(calls, replies, error_frame(&Value::Null, &e));
+        }
+    };
+    let reference = request.remove("ref").unwrap_or(Value::Null);
+    let method = match request.get("method") {
+        Some(Value::String(m)) => m.clone(),
+        _ => {
+            let e = Error::bad_request("'method' must be a string");
+            return send_later(calls, replies, error_frame(&reference, &e));
+        }
+    };
+    let service = match request.get("service") {
+        Some(Value::String(s)) => s.clone(),
+        _ => {
+            let e = Error::bad_request("'service' must be a string");
+            return send_later(calls, replies, error_frame(&reference, &e));
+        }
+    };
+    let reply = match method.as_str() {
+        "subscribe" => {
+            subscribe(state, conn, &service, &request).map(|()| json!({ "subscribed": service }))
+        }
+        "unsubscribe" => {
+            state.hub.unsubscribe(conn, &service);
+            Ok(json!({ "unsubscribed": service }))
+        }
+        other => match Method::parse(other) {
+            Some(method) => {
+                let call = ServiceCall {
+                    service,
+                    method,
+                    id: request.remove("id"),
+                    data: request.remove("data"),
+                    query: request.remove("query").unwrap_or(Value::Null),
+                };
+                let services = state.services.clone();
+                let replies = replies.clone();
+                calls.spawn(async move {
+                    let frame = match services.call(call).await {
+                        Ok(result) => result_frame(&reference, result),
+                        Err(e) => error_frame(&reference, &e),
+                    };
+                    let _ = replies.send(frame).await;
+                });
+                return;
+            }
+            None => Err(Error::bad_request(format!("unknown method '{other}'"))),
+        },
+    };
+    let frame = match reply {
+        Ok(result) => result_frame(&reference, result),
+        Err(e) => error_frame(&reference, &e),
+    };
+    send_later(calls, replies, frame);
+}
+
+/// Registers the subscription with the hub before the reply is queued, so any change
+/// committed after the client reads the reply is delivered.
+fn subscribe(
+    state: &AppState,
+    conn: crate::hub::ConnId,
+    service: &str,
+    request: &Map<String, Value>,
+) -> Result<(), Error> {
+    let service = state
+        .services
+        .get(service)
+        .ok_or_else(|| Error::not_found(format!("Service '{service}' not found")))?;
+    let kinds = match request.get("kinds") {
+        None | Some(Value::Null) => KindSet::ALL,
+        Some(Value::Array(items)) => {
+            let kinds = items
+                .iter()
+                .map(|k| {
+                    k.as_str().and_then(EventKind::parse).ok_or_else(|| {
+                        Error::bad_request(format!(
+                            "unknown event kind {k}; use created, updated, patched or removed"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            KindSet::of(&kinds)
+        }
+        Some(_) => return Err(Error::bad_request("'kinds' must be a list of event names")),
+    };
+    state.hub.subscribe(conn, service.name.clone(), kinds);
+    Ok(())
+}
+
+/// Queues a reply without blocking the session loop (which is what drains the queue).
+fn send_later(calls: &mut JoinSet<()>, replies: &tokio::sync::mpsc::Sender<Frame>, frame: Frame) {
+    let replies = replies.clone();
+    calls.spawn(async move {
+        let _ = replies.send(frame).await;
+    });
+}
+
+fn result_frame(reference: &Value, result: Value) -> Frame {
+    to_frame(&json!({ "ref": reference, "result": result }))
+}
+
+fn error_frame(reference: &Value, error: &Error) -> Frame {
+    to_frame(&json!({ "ref": reference, "error": error.to_json() }))
+}
+
+fn to_frame(value: &Value) -> Frame {
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}

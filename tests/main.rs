@@ -1,0 +1,10 @@
+//! quill's integration tests: one binary, a real PostgreSQL, a fresh database per test.
+
+mod support;
+
+mod change_feed;
+mod events;
+mod rest_crud;
+mod rest_query;
+mod startup;
+mod ws_protocol;

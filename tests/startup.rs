@@ -1,0 +1,68 @@
+//! Start-up: configuration errors name what is wrong; starting twice is harmless.
+
+use serde_json::json;
+
+use crate::support::Quill;
+use quill::Config;
+
+#[tokio::test]
+async fn a_missing_table_or_column_fails_start_up_with_its_name() {
+    let config = Config::from_toml("[services.ghosts]\ntable = \"nowhere\"").expect("valid toml");
+    let err = Quill::start_error(config).await;
+    assert!(
+        err.to_string().contains("public.nowhere does not exist"),
+        "{err}"
+    );
+
+    let mut config = Config::demo();
+    if let Some(s) = config.services.get_mut("users") {
+        s.hidden.push("shoe_size".into());
+    }
+    let err = Quill::start_error(config).await;
+    assert!(err.to_string().contains("no column 'shoe_size'"), "{err}");
+}
+
+#[tokio::test]
+async fn two_instances_on_one_database_both_deliver_every_change_once() {
+    let a = Quill::start().await;
+    let db = crate::support::pg::TestDb {
+        name: String::new(),
+        url: a.db.url.clone(),
+    };
+    let b = Quill::start_on(db, Config::demo()).await;
+    let mut wa = a.ws().await;
+    let mut wb = b.ws().await;
+    wa.subscribe("messages").await;
+    wb.subscribe("messages").await;
+    q_create(&a, "via a").await;
+    q_create(&b, "via b").await;
+    let sql = a.sql().await;
+    sqlx::query("INSERT INTO messages (text) VALUES ('via sql')")
+        .execute(&sql)
+        .await
+        .expect("insert");
+    for ws in [&mut wa, &mut wb] {
+        let texts: Vec<String> = ws
+            .events(3)
+            .await
+            .iter()
+            .map(|e| e["data"]["text"].as_str().unwrap_or("").to_owned())
+            .collect();
+        assert_eq!(texts, ["via a", "via b", "via sql"]);
+        ws.expect_no_event(std::time::Duration::from_millis(300))
+            .await;
+    }
+    let triggers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'quill_capture_%'")
+            .fetch_one(&sql)
+            .await
+            .expect("count triggers");
+    assert_eq!(triggers, 6, "three per table, not duplicated");
+}
+
+async fn q_create(q: &Quill, text: &str) {
+    let (status, _) = q
+        .rest("POST", "/messages", Some(json!({"text": text})))
+        .await;
+    assert_eq!(status, 201);
+}

@@ -1,0 +1,151 @@
+//! Test harness: a real PostgreSQL (the one on 127.0.0.1:5432, `QUILL_TEST_DATABASE_URL`,
+//! or a throwaway cluster started from the installed binaries), a fresh database per test,
+//! quill running on port 0, and a small `/ws` client.
+
+#![allow(dead_code, unreachable_pub)]
+
+pub mod pg;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quill::Config;
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use ws::Ws;
+
+/// Every wait in the tests is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A running quill over its own database.
+pub struct Quill {
+    pub addr: SocketAddr,
+    pub db: pg::TestDb,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), quill::GatewayError>>>,
+}
+
+impl Quill {
+    /// The demo services on a fresh database.
+    pub async fn start() -> Quill {
+        Self::start_with(Config::demo()).await
+    }
+
+    pub async fn start_with(config: Config) -> Quill {
+        let db = pg::TestDb::create().await;
+        Self::start_on(db, config).await
+    }
+
+    /// Another instance on an existing database (for multi-instance tests).
+    pub async fn start_on(db: pg::TestDb, mut config: Config) -> Quill {
+        config.pool_size = 4;
+        config.poll_interval_ms = 500;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let url = db.url.clone();
+        let task = tokio::spawn(quill::run(config, url, listener, async move {
+            let _ = stopped.await;
+        }));
+        let quill = Quill {
+            addr,
+            db,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+        };
+        quill.wait_ready().await;
+        quill
+    }
+
+    /// Like `start_with`, but returns quill's start-up error.
+    pub async fn start_error(config: Config) -> quill::GatewayError {
+        let db = pg::TestDb::create().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        tokio::time::timeout(
+            WAIT,
+            quill::run(config, db.url.clone(), listener, std::future::pending()),
+        )
+        .await
+        .expect("start-up must fail quickly")
+        .expect_err("start-up must fail")
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = self.http.get(self.url("/ready")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "quill did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A plain SQL connection pool to the same database, as "another program" would use.
+    pub async fn sql(&self) -> PgPool {
+        PgPool::connect(&self.db.url)
+            .await
+            .expect("connect for plain SQL")
+    }
+
+    pub async fn ws(&self) -> Ws {
+        Ws::connect(&format!("ws://{}/ws", self.addr)).await
+    }
+
+    /// Sends a REST request and returns (status, JSON body).
+    pub async fn rest(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json)
+    }
+
+    /// Stops quill and waits for it; returns the database for reuse.
+    pub async fn shutdown(mut self) -> pg::TestDb {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("quill stops in time");
+            result
+                .expect("quill task")
+                .expect("quill ran without error");
+        }
+        std::mem::replace(&mut self.db, pg::TestDb::detached())
+    }
+}
+
+impl Drop for Quill {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
