@@ -84,3 +84,96 @@ BEGIN
     RETURN made;
 END
 $$;
+
+-- The seq numbers of tick this_tick's batch, in order: every change whose transaction is
+-- visible in this tick's snapshot and was not in the previous tick's. Uses the xid index:
+-- such a transaction was running or not yet started at prev, so its xid >= xmin(prev).
+CREATE FUNCTION quill.batch(prev_tick bigint, this_tick bigint)
+RETURNS TABLE (seq bigint)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    p pg_snapshot;
+    n pg_snapshot;
+BEGIN
+    SELECT t.snapshot INTO p FROM quill.tick t WHERE t.id = prev_tick;
+    SELECT t.snapshot INTO n FROM quill.tick t WHERE t.id = this_tick;
+    IF p IS NULL OR n IS NULL THEN
+        RAISE EXCEPTION 'quill: tick % or % no longer exists', prev_tick, this_tick
+            USING ERRCODE = 'QL001';
+    END IF;
+    RETURN QUERY
+        SELECT c.seq FROM quill.change_log c
+        WHERE c.xid >= pg_snapshot_xmin(p)
+          AND pg_visible_in_snapshot(c.xid, n)
+          AND NOT pg_visible_in_snapshot(c.xid, p)
+        ORDER BY c.seq;
+END
+$$;
+
+-- The tick that delivered the change at `change_seq`, or NULL if that change is no longer
+-- retained or not yet in any tick. Visibility only grows with the tick id, so a binary
+-- search over ticks finds the first tick whose snapshot sees the change's transaction.
+CREATE FUNCTION quill.tick_of(change_seq bigint) RETURNS bigint
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    x xid8;
+    lo bigint;
+    hi bigint;
+    mid bigint;
+    probe bigint;
+    snap pg_snapshot;
+BEGIN
+    SELECT c.xid INTO x FROM quill.change_log c WHERE c.seq = change_seq;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT min(t.id), max(t.id) INTO lo, hi FROM quill.tick t;
+    SELECT t.snapshot INTO snap FROM quill.tick t WHERE t.id = hi;
+    IF hi IS NULL OR NOT pg_visible_in_snapshot(x, snap) THEN
+        RETURN NULL;
+    END IF;
+    WHILE lo < hi LOOP
+        mid := lo + (hi - lo) / 2;
+        SELECT t.id, t.snapshot INTO probe, snap FROM quill.tick t WHERE t.id >= mid ORDER BY t.id LIMIT 1;
+        IF pg_visible_in_snapshot(x, snap) THEN
+            hi := probe;
+        ELSE
+            lo := probe + 1;
+        END IF;
+    END LOOP;
+    RETURN hi;
+END
+$$;
+
+-- Deletes up to batch_size of the oldest changes beyond the retention limits, and the ticks
+-- no retained change needs (keeping the newest tick older than the oldest retained change:
+-- it bounds that change's batch). One pruner at a time across instances; returns how many
+-- changes it deleted, so the caller repeats while it gets a full batch. Short transactions,
+-- no lock that writers wait on.
+CREATE FUNCTION quill.prune(max_age interval, max_events bigint, batch_size integer) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    cut bigint;
+    by_age bigint;
+    removed bigint := 0;
+    boundary bigint;
+    newest bigint;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext('quill.prune')) THEN
+        RETURN 0;
+    END IF;
+    SELECT max(c.seq) - max_events INTO cut FROM quill.change_log c;
+    SELECT max(c.seq) INTO by_age FROM quill.change_log c WHERE c.changed_at < clock_timestamp() - max_age;
+    cut := GREATEST(cut, by_age);
+    IF cut IS NOT NULL THEN
+        DELETE FROM quill.change_log
+        WHERE seq IN (SELECT c.seq FROM quill.change_log c WHERE c.seq <= cut ORDER BY c.seq LIMIT batch_size);
+        GET DIAGNOSTICS removed = ROW_COUNT;
+    END IF;
+    SELECT max(t.id) INTO newest FROM quill.tick t;
+    SELECT max(t.id) INTO boundary FROM quill.tick t
+    WHERE t.created_at < COALESCE((SELECT min(c.changed_at) FROM quill.change_log c), 'infinity');
+    DELETE FROM quill.tick WHERE id < LEAST(boundary, newest);
+    RETURN removed;
+END
+$$;

@@ -23,9 +23,7 @@ pub enum ClusterError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "cannot give the data directory {path} to the PostgreSQL user (its parents must be readable by that user)"
-    )]
+    #[error("cannot give the data directory {path} to the PostgreSQL user (its parents must be readable by that user)")]
     Chown {
         path: PathBuf,
         #[source]
@@ -94,8 +92,7 @@ impl LocalCluster {
                 ],
             )?;
         }
-        let options =
-            format!("-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''");
+        let options = format!("-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''");
         let log = cluster.data.join("postgres.log");
         cluster.run(
             "pg_ctl",
@@ -143,10 +140,7 @@ impl LocalCluster {
 
     /// Stops the cluster (fast shutdown). Also done on drop.
     pub fn stop(&self) {
-        let _ = self.run(
-            "pg_ctl",
-            &["-D", path_str(&self.data), "-m", "fast", "-w", "stop"],
-        );
+        let _ = self.run("pg_ctl", &["-D", path_str(&self.data), "-m", "fast", "-w", "stop"]);
     }
 
     fn wait_ready(&self, limit: Duration) -> Result<(), ClusterError> {
@@ -167,9 +161,7 @@ impl LocalCluster {
         let mut cmd = Command::new(self.bin.join(step));
         cmd.args(args).stdin(Stdio::null());
         if let Some((uid, gid)) = self.run_as {
-            cmd.uid(uid.as_raw())
-                .gid(gid.as_raw())
-                .current_dir(&self.data);
+            cmd.uid(uid.as_raw()).gid(gid.as_raw()).current_dir(&self.data);
         }
         let out = cmd.output().map_err(|e| ClusterError::Command {
             step,

@@ -49,15 +49,57 @@ pub struct Config {
     /// Frames a WebSocket connection may have queued before it is cut off as too slow.
     #[serde(default = "default_outgoing_queue")]
     pub outgoing_queue: usize,
-    /// Seconds between checks for changes when no wake-up arrives (a safety net only).
+    /// How long delivery waits for a connection whose queue is full before cutting it off.
+    #[serde(default = "default_slow_consumer_timeout_ms")]
+    pub slow_consumer_timeout_ms: u64,
+    /// Milliseconds between checks for changes when no wake-up arrives (a safety net only).
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
+    /// How long the change log keeps changes for clients resuming with `since`.
+    #[serde(default)]
+    pub retention: Retention,
     /// Create the demo tables (`users`, `messages`) if they are missing.
     #[serde(default)]
     pub demo_tables: bool,
     /// The services, by name (the URL path segment).
     #[serde(default)]
     pub services: BTreeMap<String, ServiceConfig>,
+}
+
+/// Change-log retention. A change is deleted once it is older than `max_age_seconds` or
+/// more than `max_events` newer changes exist, whichever comes first.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Keep changes at least this long (default one day).
+    #[serde(default = "default_max_age")]
+    pub max_age_seconds: u64,
+    /// Keep at most this many changes (default one million).
+    #[serde(default = "default_max_events")]
+    pub max_events: u64,
+    /// Seconds between pruning runs.
+    #[serde(default = "default_prune_interval")]
+    pub prune_interval_seconds: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_age_seconds: default_max_age(),
+            max_events: default_max_events(),
+            prune_interval_seconds: default_prune_interval(),
+        }
+    }
+}
+
+fn default_max_age() -> u64 {
+    86_400
+}
+fn default_max_events() -> u64 {
+    1_000_000
+}
+fn default_prune_interval() -> u64 {
+    60
 }
 
 /// One service: a table exposed through the Feathers methods.
@@ -132,10 +174,7 @@ pub enum Paginate {
 
 impl Default for Paginate {
     fn default() -> Self {
-        Paginate::Sizes {
-            default: 10,
-            max: 50,
-        }
+        Paginate::Sizes { default: 10, max: 50 }
     }
 }
 
@@ -151,14 +190,7 @@ impl Paginate {
 }
 
 /// Paths quill serves itself, so no service may take them.
-const RESERVED_PATHS: [&str; 6] = [
-    "authentication",
-    "ws",
-    "health",
-    "ready",
-    "metrics",
-    "socket.io",
-];
+const RESERVED_PATHS: [&str; 6] = ["authentication", "ws", "health", "ready", "metrics", "socket.io"];
 
 fn default_host() -> IpAddr {
     IpAddr::V4(Ipv4Addr::UNSPECIFIED)
@@ -171,6 +203,9 @@ fn default_pool_size() -> u32 {
 }
 fn default_outgoing_queue() -> usize {
     1024
+}
+fn default_slow_consumer_timeout_ms() -> u64 {
+    2000
 }
 fn default_poll_interval_ms() -> u64 {
     2000
@@ -187,7 +222,9 @@ impl Default for Config {
             port: default_port(),
             pool_size: default_pool_size(),
             outgoing_queue: default_outgoing_queue(),
+            slow_consumer_timeout_ms: default_slow_consumer_timeout_ms(),
             poll_interval_ms: default_poll_interval_ms(),
+            retention: Retention::default(),
             demo_tables: false,
             services: BTreeMap::new(),
         }
@@ -252,18 +289,19 @@ impl Config {
     /// against the catalog at start-up.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.outgoing_queue == 0 {
+            return Err(ConfigError::Invalid("outgoing_queue must be at least 1".into()));
+        }
+        if self.retention.max_events == 0 || self.retention.prune_interval_seconds == 0 {
             return Err(ConfigError::Invalid(
-                "outgoing_queue must be at least 1".into(),
+                "retention: max_events and prune_interval_seconds must be at least 1".into(),
             ));
         }
         if self.pool_size == 0 {
             return Err(ConfigError::Invalid("pool_size must be at least 1".into()));
         }
         for (name, service) in &self.services {
-            let valid_name = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            let valid_name =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
             if !valid_name || RESERVED_PATHS.contains(&name.as_str()) {
                 return Err(ConfigError::Invalid(format!(
                     "service name '{name}' must be letters, digits, '_' or '-' and not one of {RESERVED_PATHS:?}"
@@ -293,6 +331,10 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    pub fn slow_consumer_timeout(&self) -> Duration {
+        Duration::from_millis(self.slow_consumer_timeout_ms)
     }
 
     pub fn poll_interval(&self) -> Duration {

@@ -43,6 +43,14 @@ pub struct ServiceEvent {
     pub kind: EventKind,
     /// The new row, or for `removed` the removed row.
     pub data: Value,
-    /// Position in the change log; unique, and increasing within one batch.
+    /// Where the event stands in the delivery order.
+    pub position: Position,
+}
+
+/// A place in the delivery order: the tick (commit-order batch) that delivered a change, and
+/// the change's unique sequence number. Events are delivered in increasing position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub tick: i64,
     pub seq: i64,
 }

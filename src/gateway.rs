@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::change::retention::run_pruner;
 use crate::change::{ChangeError, ListenerHealth, LogReader, run_listener};
 use crate::config::Config;
 use crate::hub::Hub;
@@ -39,10 +40,7 @@ pub enum GatewayError {
 }
 
 /// Connects a pool and runs the migrations (the demo tables too when configured).
-pub async fn connect_and_migrate(
-    database_url: &str,
-    config: &Config,
-) -> Result<PgPool, GatewayError> {
+pub async fn connect_and_migrate(database_url: &str, config: &Config) -> Result<PgPool, GatewayError> {
     let options = PgConnectOptions::from_str(database_url)
         .map_err(GatewayError::Connect)?
         .application_name("quill");
@@ -96,8 +94,10 @@ pub async fn run(
         reader,
         services.clone(),
         hub.clone(),
+        config.slow_consumer_timeout(),
         token.clone(),
     ));
+    tracker.spawn(run_pruner(pool.clone(), config.retention, token.clone()));
 
     let state = AppState {
         services,
@@ -120,10 +120,7 @@ pub async fn run(
         .await;
     token.cancel();
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
         tracing::warn!("background tasks did not stop in time");
     }
     pool.close().await;

@@ -45,9 +45,7 @@ struct Options {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -59,9 +57,7 @@ fn main() -> anyhow::Result<()> {
 
 fn load_config(opts: &Options) -> anyhow::Result<Config> {
     let mut config = match &opts.config {
-        Some(path) => {
-            Config::from_file(path).with_context(|| format!("loading {}", path.display()))?
-        }
+        Some(path) => Config::from_file(path).with_context(|| format!("loading {}", path.display()))?,
         None => Config::demo(),
     };
     if let Some(port) = opts.port {
@@ -74,10 +70,7 @@ fn load_config(opts: &Options) -> anyhow::Result<Config> {
 }
 
 /// The database URL, starting the private cluster when none is configured.
-async fn database(
-    config: &Config,
-    opts: &Options,
-) -> anyhow::Result<(String, Option<LocalCluster>)> {
+async fn database(config: &Config, opts: &Options) -> anyhow::Result<(String, Option<LocalCluster>)> {
     if let Some(url) = &config.database_url {
         return Ok((url.clone(), None));
     }
@@ -92,10 +85,9 @@ async fn database(
     let pool = sqlx::PgPool::connect(&admin)
         .await
         .context("connecting to the private PostgreSQL")?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'quill')")
-            .fetch_one(&pool)
-            .await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'quill')")
+        .fetch_one(&pool)
+        .await?;
     if !exists {
         sqlx::query("CREATE DATABASE quill").execute(&pool).await?;
     }
@@ -131,14 +123,13 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

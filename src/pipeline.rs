@@ -6,9 +6,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::{Change, ChangeSource};
-use crate::event::ServiceEvent;
+use crate::event::{Position, ServiceEvent};
 use crate::hub::Hub;
-use crate::service::Services;
+use crate::service::{Service, Services};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -18,6 +18,7 @@ pub async fn deliver<S: ChangeSource>(
     mut source: S,
     services: Arc<Services>,
     hub: Arc<Hub>,
+    slow_consumer_timeout: Duration,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -32,6 +33,8 @@ pub async fn deliver<S: ChangeSource>(
                 for change in &changes {
                     publish(change, &services, &hub);
                 }
+                // Healthy clients set the pace; the change log is the buffer, not memory.
+                hub.flush(slow_consumer_timeout).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reading the change log failed");
@@ -46,14 +49,24 @@ pub async fn deliver<S: ChangeSource>(
 }
 
 fn publish(change: &Change, services: &Services, hub: &Hub) {
+    hub.begin_tick(change.tick);
     for service in services.for_table(&change.table_schema, &change.table_name) {
-        let mut data = change.row.clone();
-        service.strip(&mut data);
-        hub.publish(&ServiceEvent {
-            service: service.name.clone(),
-            kind: change.kind,
-            data,
+        hub.publish(&event_for(change, service));
+    }
+}
+
+/// The event a service makes of a change: hidden fields stripped. Live delivery and resume
+/// both build events here.
+pub fn event_for(change: &Change, service: &Service) -> ServiceEvent {
+    let mut data = change.row.clone();
+    service.strip(&mut data);
+    ServiceEvent {
+        service: service.name.clone(),
+        kind: change.kind,
+        data,
+        position: Position {
+            tick: change.tick,
             seq: change.seq,
-        });
+        },
     }
 }

@@ -28,10 +28,7 @@ async fn sql_insert_update_and_delete_become_created_patched_and_removed() {
         .expect("delete");
 
     let events = ws.events(3).await;
-    let kinds: Vec<&str> = events
-        .iter()
-        .map(|e| e["event"].as_str().unwrap_or(""))
-        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap_or("")).collect();
     assert_eq!(kinds, ["created", "patched", "removed"]);
     assert!(
         events
@@ -40,14 +37,8 @@ async fn sql_insert_update_and_delete_become_created_patched_and_removed() {
     );
     assert_eq!(events[0]["data"]["text"], "hi");
     assert_eq!(events[1]["data"]["text"], "edited");
-    assert_eq!(
-        events[2]["data"]["text"], "edited",
-        "removed carries the removed row"
-    );
-    let seqs: Vec<i64> = events
-        .iter()
-        .map(|e| e["seq"].as_i64().expect("seq"))
-        .collect();
+    assert_eq!(events[2]["data"]["text"], "edited", "removed carries the removed row");
+    let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().expect("seq")).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
 }
 
@@ -56,9 +47,7 @@ async fn put_is_updated_and_patch_is_patched() {
     let q = Quill::start().await;
     let mut ws = q.ws().await;
     ws.subscribe("messages").await;
-    let (_, m) = q
-        .rest("POST", "/messages", Some(json!({"text": "a"})))
-        .await;
+    let (_, m) = q.rest("POST", "/messages", Some(json!({"text": "a"}))).await;
     let path = format!("/messages/{}", m["id"]);
     q.rest("PUT", &path, Some(json!({"text": "b"}))).await;
     q.rest("PATCH", &path, Some(json!({"text": "c"}))).await;
@@ -110,39 +99,28 @@ async fn a_one_megabyte_row_inserts_and_its_event_arrives() {
         .await
         .expect("1 MB insert");
     let event = ws.next_event().await;
-    assert_eq!(
-        event["data"]["text"].as_str().map(str::len),
-        Some(big.len())
-    );
+    assert_eq!(event["data"]["text"].as_str().map(str::len), Some(big.len()));
 }
 
 #[tokio::test]
 async fn subscription_kinds_and_unsubscribe_narrow_what_arrives() {
     let q = Quill::start().await;
     let mut ws = q.ws().await;
-    let r = ws
-        .ok("subscribe", "messages", json!({"kinds": ["removed"]}))
-        .await;
+    let r = ws.ok("subscribe", "messages", json!({"kinds": ["removed"]})).await;
     assert_eq!(r, json!({"subscribed": "messages"}));
     let sql = q.sql().await;
     sqlx::query("INSERT INTO messages (text) VALUES ('a')")
         .execute(&sql)
         .await
         .expect("insert");
-    sqlx::query("DELETE FROM messages")
-        .execute(&sql)
-        .await
-        .expect("delete");
+    sqlx::query("DELETE FROM messages").execute(&sql).await.expect("delete");
     assert_eq!(ws.next_event().await["event"], "removed");
     ws.ok("unsubscribe", "messages", json!({})).await;
     sqlx::query("INSERT INTO messages (text) VALUES ('b')")
         .execute(&sql)
         .await
         .expect("insert");
-    sqlx::query("DELETE FROM messages")
-        .execute(&sql)
-        .await
-        .expect("delete");
+    sqlx::query("DELETE FROM messages").execute(&sql).await.expect("delete");
     ws.expect_no_event(Duration::from_millis(500)).await;
 }
 

@@ -6,5 +6,7 @@ mod change_feed;
 mod events;
 mod rest_crud;
 mod rest_query;
+mod resume;
+mod slow_consumers;
 mod startup;
 mod ws_protocol;

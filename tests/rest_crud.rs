@@ -20,9 +20,7 @@ async fn user(q: &Quill, email: &str) -> Value {
 #[tokio::test]
 async fn create_answers_201_with_the_row_in_column_order() {
     let q = Quill::start().await;
-    let (status, body) = q
-        .rest("POST", "/messages", Some(json!({"text": "hello"})))
-        .await;
+    let (status, body) = q.rest("POST", "/messages", Some(json!({"text": "hello"}))).await;
     assert_eq!(status, 201);
     let keys: Vec<&String> = body.as_object().expect("object").keys().collect();
     assert_eq!(keys, ["id", "text", "user_id", "created_at"]);
@@ -32,9 +30,7 @@ async fn create_answers_201_with_the_row_in_column_order() {
 #[tokio::test]
 async fn get_returns_the_row_and_404_for_missing_or_wrongly_typed_ids() {
     let q = Quill::start().await;
-    let (_, created) = q
-        .rest("POST", "/messages", Some(json!({"text": "a"})))
-        .await;
+    let (_, created) = q.rest("POST", "/messages", Some(json!({"text": "a"}))).await;
     let id = created["id"].as_i64().expect("id");
     let (status, body) = q.rest("GET", &format!("/messages/{id}"), None).await;
     assert_eq!((status, &body), (200, &created));
@@ -52,20 +48,12 @@ async fn update_replaces_the_row_and_patch_merges() {
     let q = Quill::start().await;
     let u = user(&q, "a@x.io").await;
     let (_, m) = q
-        .rest(
-            "POST",
-            "/messages",
-            Some(json!({"text": "one", "user_id": u["id"]})),
-        )
+        .rest("POST", "/messages", Some(json!({"text": "one", "user_id": u["id"]})))
         .await;
     let id = m["id"].as_i64().expect("id");
 
     let (status, patched) = q
-        .rest(
-            "PATCH",
-            &format!("/messages/{id}"),
-            Some(json!({"text": "two"})),
-        )
+        .rest("PATCH", &format!("/messages/{id}"), Some(json!({"text": "two"})))
         .await;
     assert_eq!(status, 200);
     assert_eq!(patched["text"], "two");
@@ -73,29 +61,21 @@ async fn update_replaces_the_row_and_patch_merges() {
 
     // PUT resets what it does not name: user_id to NULL, created_at to its default.
     let (status, updated) = q
-        .rest(
-            "PUT",
-            &format!("/messages/{id}"),
-            Some(json!({"text": "three"})),
-        )
+        .rest("PUT", &format!("/messages/{id}"), Some(json!({"text": "three"})))
         .await;
     assert_eq!(status, 200, "{updated}");
     assert_eq!(updated["text"], "three");
     assert_eq!(updated["user_id"], Value::Null);
     assert_eq!(updated["id"], id, "the id never changes");
 
-    let (status, _) = q
-        .rest("PATCH", "/messages/424242", Some(json!({"text": "x"})))
-        .await;
+    let (status, _) = q.rest("PATCH", "/messages/424242", Some(json!({"text": "x"}))).await;
     assert_eq!(status, 404);
 }
 
 #[tokio::test]
 async fn remove_returns_the_removed_row() {
     let q = Quill::start().await;
-    let (_, m) = q
-        .rest("POST", "/messages", Some(json!({"text": "bye"})))
-        .await;
+    let (_, m) = q.rest("POST", "/messages", Some(json!({"text": "bye"}))).await;
     let path = format!("/messages/{}", m["id"]);
     let (status, removed) = q.rest("DELETE", &path, None).await;
     assert_eq!((status, &removed), (200, &m));
@@ -109,17 +89,11 @@ async fn remove_returns_the_removed_row() {
 async fn multi_methods_are_405_unless_the_service_allows_them() {
     let q = Quill::start().await;
     let (status, body) = q
-        .rest(
-            "POST",
-            "/messages",
-            Some(json!([{"text": "a"}, {"text": "b"}])),
-        )
+        .rest("POST", "/messages", Some(json!([{"text": "a"}, {"text": "b"}])))
         .await;
     assert_eq!(status, 405, "{body}");
     assert_eq!(body["name"], "MethodNotAllowed");
-    let (status, _) = q
-        .rest("PATCH", "/messages?text=a", Some(json!({"text": "b"})))
-        .await;
+    let (status, _) = q.rest("PATCH", "/messages?text=a", Some(json!({"text": "b"}))).await;
     assert_eq!(status, 405);
     let (status, _) = q.rest("DELETE", "/messages?text=a", None).await;
     assert_eq!(status, 405);
@@ -157,11 +131,7 @@ async fn multi_create_patch_and_remove_work_when_enabled() {
     assert_eq!(removed.as_array().map(Vec::len), Some(2));
     // one bad row rolls back the whole array
     let (status, _) = q
-        .rest(
-            "POST",
-            "/messages",
-            Some(json!([{"text": "ok"}, {"text": null}])),
-        )
+        .rest("POST", "/messages", Some(json!([{"text": "ok"}, {"text": null}])))
         .await;
     assert_eq!(status, 400);
     let (_, page) = q.rest("GET", "/messages", None).await;
@@ -173,11 +143,7 @@ async fn constraint_violations_are_400_naming_the_field_without_sql() {
     let q = Quill::start().await;
     user(&q, "dup@x.io").await;
     let (status, body) = q
-        .rest(
-            "POST",
-            "/users",
-            Some(json!({"email": "dup@x.io", "password": "p"})),
-        )
+        .rest("POST", "/users", Some(json!({"email": "dup@x.io", "password": "p"})))
         .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["name"], "BadRequest");
@@ -188,29 +154,17 @@ async fn constraint_violations_are_400_naming_the_field_without_sql() {
         "no SQL in errors: {body}"
     );
 
-    let (status, body) = q
-        .rest("POST", "/messages", Some(json!({"user_id": 1})))
-        .await;
+    let (status, body) = q.rest("POST", "/messages", Some(json!({"user_id": 1}))).await;
     assert_eq!(status, 400, "not null: {body}");
     let (status, body) = q
-        .rest(
-            "POST",
-            "/messages",
-            Some(json!({"text": "x", "user_id": "abc"})),
-        )
+        .rest("POST", "/messages", Some(json!({"text": "x", "user_id": "abc"})))
         .await;
     assert_eq!(status, 400, "bad type: {body}");
     let (status, body) = q
-        .rest(
-            "POST",
-            "/messages",
-            Some(json!({"text": "x", "user_id": 999})),
-        )
+        .rest("POST", "/messages", Some(json!({"text": "x", "user_id": 999})))
         .await;
     assert_eq!(status, 400, "foreign key: {body}");
-    let (status, body) = q
-        .rest("POST", "/messages", Some(json!({"text": "x", "nope": 1})))
-        .await;
+    let (status, body) = q.rest("POST", "/messages", Some(json!({"text": "x", "nope": 1}))).await;
     assert_eq!(status, 400, "unknown column: {body}");
     assert_eq!(body["errors"]["nope"], "no such column");
 }
@@ -255,18 +209,11 @@ async fn hidden_fields_never_leave_the_server() {
     ] {
         let resp = q.http.get(q.url(&path)).send().await.expect("sent");
         let raw = resp.text().await.expect("body");
-        assert!(
-            !raw.contains("password") && !raw.contains("secret"),
-            "{path}: {raw}"
-        );
+        assert!(!raw.contains("password") && !raw.contains("secret"), "{path}: {raw}");
         bodies.push(serde_json::from_str(&raw).expect("json"));
     }
     let (_, patched) = q
-        .rest(
-            "PATCH",
-            &format!("/users/{id}"),
-            Some(json!({"password": "other"})),
-        )
+        .rest("PATCH", &format!("/users/{id}"), Some(json!({"password": "other"})))
         .await;
     bodies.push(patched);
     for body in bodies {

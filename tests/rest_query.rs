@@ -7,10 +7,7 @@ use quill::Config;
 
 async fn seed(q: &Quill) {
     let mut config_ok = true;
-    for (i, text) in ["apple", "banana", "cherry", "date", "elder"]
-        .iter()
-        .enumerate()
-    {
+    for (i, text) in ["apple", "banana", "cherry", "date", "elder"].iter().enumerate() {
         let (status, _) = q
             .rest(
                 "POST",
@@ -46,18 +43,12 @@ async fn every_operator_filters_as_in_feathers() {
         ("id[$ne]=1&id[$lt]=4", &["banana", "cherry"]),
         ("text[$in][0]=apple&text[$in][1]=date", &["apple", "date"]),
         ("text[$in][]=elder", &["elder"]),
-        (
-            "text[$nin][0]=apple&text[$nin][1]=banana",
-            &["cherry", "date", "elder"],
-        ),
+        ("text[$nin][0]=apple&text[$nin][1]=banana", &["cherry", "date", "elder"]),
         ("$or[0][text]=apple&$or[1][id][$gt]=4", &["apple", "elder"]),
         ("$sort[id]=-1&$limit=2", &["elder", "date"]),
         ("$sort[text]=1&$skip=3", &["date", "elder"]),
         // $ne counts NULL as different (IS DISTINCT FROM), like the in-memory adapter
-        (
-            "user_id[$ne]=1",
-            &["apple", "banana", "cherry", "date", "elder"],
-        ),
+        ("user_id[$ne]=1", &["apple", "banana", "cherry", "date", "elder"]),
     ];
     for (query, expected) in cases {
         assert_eq!(texts(&q, query).await, *expected, "{query}");
@@ -82,11 +73,7 @@ async fn pagination_reports_total_limit_and_skip_and_clamps_to_max() {
     seed(&q).await;
     let (_, page) = q.rest("GET", "/messages", None).await;
     assert_eq!(
-        (
-            page["total"].as_i64(),
-            page["limit"].as_i64(),
-            page["skip"].as_i64()
-        ),
+        (page["total"].as_i64(), page["limit"].as_i64(), page["skip"].as_i64()),
         (Some(5), Some(2), Some(0))
     );
     assert_eq!(page["data"].as_array().map(Vec::len), Some(2));
@@ -130,9 +117,7 @@ async fn injection_attempts_are_rejected_with_400() {
         assert_eq!(body["name"], "BadRequest");
     }
     // the value-side attack is just a value: it matches nothing and breaks nothing
-    let (status, body) = q
-        .rest("GET", "/messages?text=x%27%20or%20%271%27=%271", None)
-        .await;
+    let (status, body) = q.rest("GET", "/messages?text=x%27%20or%20%271%27=%271", None).await;
     assert_eq!((status, body["total"].clone()), (200, Value::from(0)));
     let (_, page) = q.rest("GET", "/messages", None).await;
     assert_eq!(page["total"], 5, "the table is intact");

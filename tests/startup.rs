@@ -9,10 +9,7 @@ use quill::Config;
 async fn a_missing_table_or_column_fails_start_up_with_its_name() {
     let config = Config::from_toml("[services.ghosts]\ntable = \"nowhere\"").expect("valid toml");
     let err = Quill::start_error(config).await;
-    assert!(
-        err.to_string().contains("public.nowhere does not exist"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("public.nowhere does not exist"), "{err}");
 
     let mut config = Config::demo();
     if let Some(s) = config.services.get_mut("users") {
@@ -49,20 +46,16 @@ async fn two_instances_on_one_database_both_deliver_every_change_once() {
             .map(|e| e["data"]["text"].as_str().unwrap_or("").to_owned())
             .collect();
         assert_eq!(texts, ["via a", "via b", "via sql"]);
-        ws.expect_no_event(std::time::Duration::from_millis(300))
-            .await;
+        ws.expect_no_event(std::time::Duration::from_millis(300)).await;
     }
-    let triggers: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'quill_capture_%'")
-            .fetch_one(&sql)
-            .await
-            .expect("count triggers");
+    let triggers: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'quill_capture_%'")
+        .fetch_one(&sql)
+        .await
+        .expect("count triggers");
     assert_eq!(triggers, 6, "three per table, not duplicated");
 }
 
 async fn q_create(q: &Quill, text: &str) {
-    let (status, _) = q
-        .rest("POST", "/messages", Some(json!({"text": text})))
-        .await;
+    let (status, _) = q.rest("POST", "/messages", Some(json!({"text": text}))).await;
     assert_eq!(status, 201);
 }

@@ -8,41 +8,24 @@ use crate::support::Quill;
 async fn every_method_works_over_the_socket_with_refs_echoed() {
     let q = Quill::start().await;
     let mut ws = q.ws().await;
-    let created = ws
-        .ok("create", "messages", json!({"data": {"text": "a"}}))
-        .await;
+    let created = ws.ok("create", "messages", json!({"data": {"text": "a"}})).await;
     let id = created["id"].clone();
     assert_eq!(ws.ok("get", "messages", json!({"id": id})).await, created);
     let page = ws
-        .ok(
-            "find",
-            "messages",
-            json!({"query": {"text": "a", "$limit": 5}}),
-        )
+        .ok("find", "messages", json!({"query": {"text": "a", "$limit": 5}}))
         .await;
     assert_eq!(page["total"], 1);
     assert_eq!(
-        ws.ok(
-            "update",
-            "messages",
-            json!({"id": id, "data": {"text": "b"}})
-        )
-        .await["text"],
+        ws.ok("update", "messages", json!({"id": id, "data": {"text": "b"}}))
+            .await["text"],
         "b"
     );
     assert_eq!(
-        ws.ok(
-            "patch",
-            "messages",
-            json!({"id": id, "data": {"text": "c"}})
-        )
-        .await["text"],
+        ws.ok("patch", "messages", json!({"id": id, "data": {"text": "c"}}))
+            .await["text"],
         "c"
     );
-    assert_eq!(
-        ws.ok("remove", "messages", json!({"id": id})).await["text"],
-        "c"
-    );
+    assert_eq!(ws.ok("remove", "messages", json!({"id": id})).await["text"], "c");
     // string refs are echoed too
     ws.send_text(r#"{"ref": "abc", "method": "find", "service": "messages"}"#)
         .await;
@@ -61,13 +44,9 @@ async fn errors_are_feathers_errors_with_the_callers_ref() {
     assert_eq!(reply["error"]["message"], "Service 'nope' not found");
     let reply = ws.call("frobnicate", "messages", json!({})).await;
     assert_eq!(reply["error"]["name"], "BadRequest");
-    let reply = ws
-        .call("subscribe", "messages", json!({"kinds": ["exploded"]}))
-        .await;
+    let reply = ws.call("subscribe", "messages", json!({"kinds": ["exploded"]})).await;
     assert_eq!(reply["error"]["name"], "BadRequest");
-    let reply = ws
-        .call("find", "messages", json!({"query": {"bad column": 1}}))
-        .await;
+    let reply = ws.call("find", "messages", json!({"query": {"bad column": 1}})).await;
     assert_eq!(reply["error"]["code"], 400);
 }
 

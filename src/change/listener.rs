@@ -79,13 +79,9 @@ async fn listen_once(
     health: &Arc<ListenerHealth>,
     shutdown: &CancellationToken,
 ) -> Result<(), Lost> {
-    let mut config =
-        tokio_postgres::Config::from_str(database_url).map_err(|e| Lost::Connect(e.to_string()))?;
+    let mut config = tokio_postgres::Config::from_str(database_url).map_err(|e| Lost::Connect(e.to_string()))?;
     config.application_name("quill listener");
-    let (client, mut connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| Lost::Connect(e.to_string()))?;
+    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| Lost::Connect(e.to_string()))?;
     // Drive the connection in its own task: it must be polled for the client's queries to
     // make progress, and it drains notifications as fast as they come.
     let drain_wake = wake.clone();

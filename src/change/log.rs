@@ -1,4 +1,7 @@
 //! Reads the change log tick by tick. See `migrations/*_change_log.sql` for why ticks.
+//!
+//! A [`TickCursor`] walks ticks in order and returns each tick's changes in pages; the live
+//! [`LogReader`] and a client's resume ([`Replay`]) both use it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -10,22 +13,121 @@ use sqlx::types::Json;
 use tokio::sync::Notify;
 
 use super::{Change, ChangeError, ChangeSource};
-use crate::event::EventKind;
+use crate::event::{EventKind, Position};
 
 /// How many changes one read returns at most, so a 100 000-row transaction streams through
-/// in bounded memory.
-const PAGE: i64 = 1000;
+/// in bounded memory (the tick's seq list aside: 8 bytes a change).
+const PAGE: usize = 1000;
 
-/// Reads committed changes from `quill.change_log`, tick by tick.
+/// Walks ticks in order, returning each tick's batch in pages.
+struct TickCursor {
+    /// Ticks to read: (previous tick, tick).
+    pending: VecDeque<(i64, i64)>,
+    /// The tick being read, its seqs and how many were returned.
+    current: Option<(i64, Vec<i64>, usize)>,
+    /// The newest tick id queued into `pending`.
+    last_tick: i64,
+}
+
+impl TickCursor {
+    fn after(tick: i64) -> Self {
+        Self {
+            pending: VecDeque::new(),
+            current: None,
+            last_tick: tick,
+        }
+    }
+
+    /// Queues the ticks after `last_tick`, up to `until` if given.
+    async fn extend(&mut self, pool: &PgPool, until: Option<i64>) -> Result<(), ChangeError> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM quill.tick WHERE id > $1 AND ($2::bigint IS NULL OR id <= $2) ORDER BY id LIMIT 10000",
+        )
+        .bind(self.last_tick)
+        .bind(until)
+        .fetch_all(pool)
+        .await?;
+        for id in ids {
+            self.pending.push_back((self.last_tick, id));
+            self.last_tick = id;
+        }
+        Ok(())
+    }
+
+    /// The next page of changes, or `None` when every queued tick is read. On error nothing
+    /// is consumed.
+    async fn next_page(&mut self, pool: &PgPool) -> Result<Option<Vec<Change>>, ChangeError> {
+        loop {
+            if let Some((tick, seqs, done)) = &mut self.current
+                && *done < seqs.len()
+            {
+                let end = (*done + PAGE).min(seqs.len());
+                let page = fetch(pool, *tick, &seqs[*done..end]).await?;
+                *done = end;
+                if !page.is_empty() {
+                    return Ok(Some(page));
+                }
+                continue;
+            }
+            if !self.open_next(pool).await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Loads the seq list of the next queued tick; false when none is queued.
+    async fn open_next(&mut self, pool: &PgPool) -> Result<bool, ChangeError> {
+        let Some(&(prev, tick)) = self.pending.front() else {
+            self.current = None;
+            return Ok(false);
+        };
+        let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM quill.batch($1, $2)")
+            .bind(prev)
+            .bind(tick)
+            .fetch_all(pool)
+            .await?;
+        self.pending.pop_front();
+        self.current = Some((tick, seqs, 0));
+        Ok(true)
+    }
+
+    /// Skips the changes of the current tick up to and including `seq`.
+    fn skip_through(&mut self, seq: i64) {
+        if let Some((_, seqs, done)) = &mut self.current {
+            *done = seqs.partition_point(|s| *s <= seq);
+        }
+    }
+}
+
+/// Loads the changes with these seqs, in seq order.
+async fn fetch(pool: &PgPool, tick: i64, seqs: &[i64]) -> Result<Vec<Change>, ChangeError> {
+    let rows: Vec<(i64, String, String, String, Json<Value>)> = sqlx::query_as(
+        "SELECT seq, table_schema, table_name, kind, row_data FROM quill.change_log
+         WHERE seq = ANY($1) ORDER BY seq",
+    )
+    .bind(seqs)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|(seq, table_schema, table_name, kind, row)| {
+            Ok(Change {
+                seq,
+                tick,
+                table_schema,
+                table_name,
+                kind: EventKind::parse(&kind).ok_or(ChangeError::UnknownKind(kind))?,
+                row: row.0,
+            })
+        })
+        .collect()
+}
+
+/// The live reader: waits for wake-ups, makes ticks, returns their batches.
 pub struct LogReader {
     pool: PgPool,
     wake: Arc<Notify>,
     poll: Duration,
-    last_tick: i64,
-    /// Ticks seen but not fully read: (previous tick, tick).
-    pending: VecDeque<(i64, i64)>,
-    /// Within the front pending tick, the last seq already returned.
-    after_seq: i64,
+    cursor: TickCursor,
     /// Whether to look for new changes before waiting for the next wake-up.
     eager: bool,
 }
@@ -33,11 +135,7 @@ pub struct LogReader {
 impl LogReader {
     /// Starts at the newest tick: changes committed before now are history, except those no
     /// tick covers yet, which arrive with the next one.
-    pub async fn start(
-        pool: PgPool,
-        wake: Arc<Notify>,
-        poll: Duration,
-    ) -> Result<Self, ChangeError> {
+    pub async fn start(pool: PgPool, wake: Arc<Notify>, poll: Duration) -> Result<Self, ChangeError> {
         let last_tick: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM quill.tick")
             .fetch_one(&pool)
             .await?;
@@ -45,98 +143,105 @@ impl LogReader {
             pool,
             wake,
             poll,
-            last_tick,
-            pending: VecDeque::new(),
-            after_seq: 0,
+            cursor: TickCursor::after(last_tick),
             eager: true,
         })
-    }
-
-    /// The last tick whose batch has been fully returned.
-    pub fn position(&self) -> i64 {
-        self.pending
-            .front()
-            .map_or(self.last_tick, |(prev, _)| *prev)
-    }
-
-    async fn read_page(&self, prev: i64, tick: i64) -> Result<Vec<Change>, ChangeError> {
-        let rows: Vec<(i64, String, String, String, Json<Value>)> = sqlx::query_as(
-            "SELECT c.seq, c.table_schema, c.table_name, c.kind, c.row_data
-             FROM quill.tick p, quill.tick n, quill.change_log c
-             WHERE p.id = $1 AND n.id = $2
-               AND c.xid >= pg_snapshot_xmin(p.snapshot)
-               AND pg_visible_in_snapshot(c.xid, n.snapshot)
-               AND NOT pg_visible_in_snapshot(c.xid, p.snapshot)
-               AND c.seq > $3
-             ORDER BY c.seq
-             LIMIT $4",
-        )
-        .bind(prev)
-        .bind(tick)
-        .bind(self.after_seq)
-        .bind(PAGE)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|(seq, table_schema, table_name, kind, row)| {
-                Ok(Change {
-                    seq,
-                    table_schema,
-                    table_name,
-                    kind: EventKind::parse(&kind).ok_or(ChangeError::UnknownKind(kind))?,
-                    row: row.0,
-                })
-            })
-            .collect()
-    }
-
-    async fn fetch_ticks(&mut self) -> Result<(), ChangeError> {
-        let ids: Vec<i64> =
-            sqlx::query_scalar("SELECT id FROM quill.tick WHERE id > $1 ORDER BY id LIMIT 1000")
-                .bind(self.last_tick)
-                .fetch_all(&self.pool)
-                .await?;
-        let mut prev = self.pending.back().map_or(self.last_tick, |(_, t)| *t);
-        for id in ids {
-            self.pending.push_back((prev, id));
-            prev = id;
-        }
-        self.last_tick = prev;
-        Ok(())
     }
 }
 
 impl ChangeSource for LogReader {
     async fn next_batch(&mut self) -> Result<Vec<Change>, ChangeError> {
         loop {
-            if let Some(&(prev, tick)) = self.pending.front() {
-                let page = self.read_page(prev, tick).await?;
-                match page.last() {
-                    Some(last) if page.len() as i64 == PAGE => self.after_seq = last.seq,
-                    _ => {
-                        self.pending.pop_front();
-                        self.after_seq = 0;
-                    }
-                }
-                if page.is_empty() {
+            match self.cursor.next_page(&self.pool).await {
+                Ok(Some(page)) => return Ok(page),
+                Ok(None) => {}
+                Err(e) if e.is_pruned() => {
+                    let oldest: Option<i64> = sqlx::query_scalar("SELECT min(id) FROM quill.tick")
+                        .fetch_one(&self.pool)
+                        .await?;
+                    tracing::error!(
+                        from_tick = self.cursor.last_tick,
+                        "the change log was pruned past this reader's position: events were lost"
+                    );
+                    self.cursor = TickCursor::after(oldest.unwrap_or(0));
                     continue;
                 }
-                return Ok(page);
+                Err(e) => return Err(e),
             }
             if !self.eager {
                 // A missed notification costs at most one poll interval, never a change.
                 let _ = tokio::time::timeout(self.poll, self.wake.notified()).await;
             }
-            self.eager = false;
-            let made: Option<i64> = sqlx::query_scalar("SELECT quill.make_tick()")
+            // Another quill instance may make the tick instead; either way, read what is new.
+            let _made: Option<i64> = sqlx::query_scalar("SELECT quill.make_tick()")
                 .fetch_one(&self.pool)
                 .await?;
-            // Another quill instance may have made the tick; either way, read what is new.
-            let _ = made;
-            self.fetch_ticks().await?;
-            if !self.pending.is_empty() {
-                self.eager = true;
-            }
+            let before = self.cursor.last_tick;
+            self.cursor.extend(&self.pool, None).await?;
+            self.eager = self.cursor.last_tick != before;
         }
+    }
+}
+
+/// Why a client cannot resume from a position.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("position {0} is older than the retained change log")]
+    Gone(i64),
+    #[error("position {0} is not a delivered change")]
+    Unknown(i64),
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+}
+
+/// Finds where the change with `seq` stands in the delivery order.
+pub async fn locate(pool: &PgPool, seq: i64) -> Result<Position, ResumeError> {
+    let (tick, oldest): (Option<i64>, Option<i64>) =
+        sqlx::query_as("SELECT quill.tick_of($1), (SELECT min(seq) FROM quill.change_log)")
+            .bind(seq)
+            .fetch_one(pool)
+            .await
+            .map_err(ChangeError::from)?;
+    match (tick, oldest) {
+        (Some(tick), _) => Ok(Position { tick, seq }),
+        (None, Some(oldest)) if seq < oldest => Err(ResumeError::Gone(seq)),
+        (None, None) if seq > 0 => Err(ResumeError::Gone(seq)),
+        _ => Err(ResumeError::Unknown(seq)),
+    }
+}
+
+/// The changes after a position, up to and including a tick: what a resuming client missed.
+pub struct Replay {
+    pool: PgPool,
+    cursor: TickCursor,
+    skip_first: Option<i64>,
+}
+
+impl Replay {
+    pub async fn new(pool: PgPool, after: Position, until_tick: i64) -> Result<Replay, ChangeError> {
+        // The tick before `after.tick` bounds its batch from below.
+        let prev: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM quill.tick WHERE id < $1")
+            .bind(after.tick)
+            .fetch_one(&pool)
+            .await?;
+        let mut cursor = TickCursor::after(prev.unwrap_or(0));
+        cursor.extend(&pool, Some(until_tick)).await?;
+        Ok(Replay {
+            pool,
+            cursor,
+            skip_first: Some(after.seq),
+        })
+    }
+
+    /// The next page, or `None` when the replay is complete.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<Change>>, ChangeError> {
+        if let Some(seq) = self.skip_first {
+            // Open the first tick and drop what the client already has.
+            if self.cursor.open_next(&self.pool).await? {
+                self.cursor.skip_through(seq);
+            }
+            self.skip_first = None;
+        }
+        self.cursor.next_page(&self.pool).await
     }
 }

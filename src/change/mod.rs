@@ -6,13 +6,14 @@
 
 pub mod listener;
 pub mod log;
+pub mod retention;
 
 use std::future::Future;
 
 use serde_json::Value;
 
 pub use listener::{ListenerHealth, run_listener};
-pub use log::LogReader;
+pub use log::{LogReader, Replay, ResumeError, locate};
 
 use crate::event::EventKind;
 
@@ -20,6 +21,8 @@ use crate::event::EventKind;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
     pub seq: i64,
+    /// The tick that delivered it: with `seq`, its place in the delivery order.
+    pub tick: i64,
     pub table_schema: String,
     pub table_name: String,
     pub kind: EventKind,
@@ -34,6 +37,13 @@ pub enum ChangeError {
     Database(#[from] sqlx::Error),
     #[error("the change log holds an unknown kind '{0}'")]
     UnknownKind(String),
+}
+
+impl ChangeError {
+    /// The ticks being read were pruned (a reader fell behind the whole retention period).
+    pub fn is_pruned(&self) -> bool {
+        matches!(self, ChangeError::Database(sqlx::Error::Database(db)) if db.code().as_deref() == Some("QL001"))
+    }
 }
 
 /// A stream of committed changes.

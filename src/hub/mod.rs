@@ -4,16 +4,17 @@
 //! subscriber's queue, and cuts off a connection whose queue is full (it can resume later).
 //! The listener therefore never slows down for a slow client.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{EventKind, ServiceEvent};
+use crate::event::{EventKind, Position, ServiceEvent};
 
 /// Identifies one live connection.
 pub type ConnId = u64;
@@ -49,6 +50,46 @@ impl KindSet {
 struct Member {
     tx: mpsc::Sender<Frame>,
     kick: Kick,
+    capacity: usize,
+    /// Frames that did not fit in the queue during the current page, in order. Drained by
+    /// [`Hub::flush`] before the next page, so it never holds more than one page.
+    overflow: Mutex<VecDeque<Frame>>,
+}
+
+impl Member {
+    /// Queues a frame, or parks it in the overflow (behind any frame already parked, so the
+    /// order holds). Returns false when the connection is gone.
+    fn offer(&self, frame: Frame) -> bool {
+        let Ok(mut overflow) = self.overflow.lock() else {
+            return false;
+        };
+        if !overflow.is_empty() {
+            overflow.push_back(frame);
+            return true;
+        }
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                overflow.push_back(frame);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// One connection's subscription to one service.
+struct Subscription {
+    kinds: KindSet,
+    /// Set when the subscription resumed from a position.
+    resume: Option<Mutex<Resume>>,
+}
+
+/// A resumed subscription: events up to `skip_through` come from the replay, and live events
+/// are held back in `held` until the replay has been sent.
+struct Resume {
+    skip_through: Position,
+    held: Option<Vec<Frame>>,
 }
 
 /// Why and when a connection was cut off by the hub.
@@ -80,8 +121,8 @@ impl Kick {
 #[derive(Default)]
 struct State {
     members: HashMap<ConnId, Member>,
-    /// service → subscriber → kinds
-    subscriptions: HashMap<Arc<str>, HashMap<ConnId, KindSet>>,
+    /// service → subscriber → subscription
+    subscriptions: HashMap<Arc<str>, HashMap<ConnId, Subscription>>,
 }
 
 /// Counters for `/metrics`.
@@ -96,6 +137,8 @@ pub struct HubStats {
 pub struct Hub {
     state: RwLock<State>,
     next_id: AtomicU64,
+    /// The newest tick whose events have started to be published.
+    started_tick: AtomicI64,
     pub stats: HubStats,
 }
 
@@ -138,6 +181,8 @@ impl Hub {
         let member = Member {
             tx: tx.clone(),
             kick: kick.clone(),
+            capacity: capacity.max(1),
+            overflow: Mutex::new(VecDeque::new()),
         };
         self.write().members.insert(id, member);
         Membership {
@@ -154,12 +199,71 @@ impl Hub {
     pub fn subscribe(&self, conn: ConnId, service: Arc<str>, kinds: KindSet) {
         let mut state = self.write();
         if state.members.contains_key(&conn) {
-            state
-                .subscriptions
-                .entry(service)
-                .or_default()
-                .insert(conn, kinds);
+            let sub = Subscription { kinds, resume: None };
+            state.subscriptions.entry(service).or_default().insert(conn, sub);
         }
+    }
+
+    /// Subscribes a connection that resumes after `after`. Returns the tick the caller must
+    /// replay up to (inclusive); live events up to there are dropped for this subscriber, and
+    /// later ones are held until [`Hub::finish_replay`], so nothing is missed or repeated.
+    pub fn subscribe_after(&self, conn: ConnId, service: Arc<str>, kinds: KindSet, after: Position) -> i64 {
+        let mut state = self.write();
+        // Read under the write lock: publishing takes the read lock, so no event of a later
+        // tick can slip between this read and the registration.
+        let until = self.started_tick.load(Ordering::SeqCst);
+        if state.members.contains_key(&conn) {
+            let skip_through = after.max(Position {
+                tick: until,
+                seq: i64::MAX,
+            });
+            let resume = Resume {
+                skip_through,
+                held: Some(Vec::new()),
+            };
+            let sub = Subscription {
+                kinds,
+                resume: Some(Mutex::new(resume)),
+            };
+            state.subscriptions.entry(service).or_default().insert(conn, sub);
+        }
+        until
+    }
+
+    /// Ends a replay: queues the live events held meanwhile and goes live.
+    pub fn finish_replay(&self, conn: ConnId, service: &str) {
+        let state = self.write();
+        let (Some(member), Some(sub)) = (
+            state.members.get(&conn),
+            state.subscriptions.get(service).and_then(|subs| subs.get(&conn)),
+        ) else {
+            return;
+        };
+        let held = sub
+            .resume
+            .as_ref()
+            .and_then(|r| r.lock().ok().and_then(|mut r| r.held.take()))
+            .unwrap_or_default();
+        for frame in held {
+            if member.tx.try_send(frame).is_err() {
+                self.stats.slow_consumer_drops.fetch_add(1, Ordering::Relaxed);
+                member.kick.fire(SLOW_CONSUMER);
+                return;
+            }
+            self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Cuts a connection off with a reason.
+    pub fn kick(&self, conn: ConnId, reason: &'static str) {
+        if let Some(member) = self.read().members.get(&conn) {
+            member.kick.fire(reason);
+        }
+    }
+
+    /// Records that events of `tick` are about to be published (ticks only move forward).
+    pub fn begin_tick(&self, tick: i64) {
+        self.started_tick.fetch_max(tick, Ordering::SeqCst);
     }
 
     pub fn unsubscribe(&self, conn: ConnId, service: &str) {
@@ -190,30 +294,74 @@ impl Hub {
             let Some(subs) = state.subscriptions.get(&*event.service) else {
                 return;
             };
-            for (conn, kinds) in subs {
-                if !kinds.contains(event.kind) {
+            for (conn, sub) in subs {
+                if !sub.kinds.contains(event.kind) {
                     continue;
                 }
                 let Some(member) = state.members.get(conn) else {
                     continue;
                 };
                 let bytes = frame.get_or_insert_with(|| encode(event)).clone();
-                match member.tx.try_send(bytes) {
-                    Ok(()) => {
-                        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                if let Some(resume) = &sub.resume
+                    && let Ok(mut resume) = resume.lock()
+                {
+                    if event.position <= resume.skip_through {
+                        continue;
                     }
-                    Err(mpsc::error::TrySendError::Full(_)) => full.push(member.kick.clone()),
-                    // the session is already gone; Membership::drop cleans up
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    if let Some(held) = &mut resume.held {
+                        if held.len() >= member.capacity {
+                            full.push(member.kick.clone());
+                        } else {
+                            held.push(bytes);
+                        }
+                        continue;
+                    }
+                }
+                if member.offer(bytes) {
+                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
         for kick in full {
-            self.stats
-                .slow_consumer_drops
-                .fetch_add(1, Ordering::Relaxed);
-            kick.fire("slow consumer: outgoing queue full");
+            self.stats.slow_consumer_drops.fetch_add(1, Ordering::Relaxed);
+            kick.fire(SLOW_CONSUMER);
         }
+    }
+
+    /// Waits until every connection with parked frames has taken them, for at most
+    /// `timeout`; a connection that has not by then is cut off as a slow consumer. The
+    /// pipeline calls this after each page, so healthy clients set the pace and a stalled
+    /// one delays the others by at most `timeout`, once.
+    pub async fn flush(&self, timeout: Duration) {
+        let pending: Vec<(mpsc::Sender<Frame>, Kick, VecDeque<Frame>)> = {
+            let state = self.read();
+            state
+                .members
+                .values()
+                .filter_map(|m| {
+                    let mut overflow = m.overflow.lock().ok()?;
+                    (!overflow.is_empty()).then(|| (m.tx.clone(), m.kick.clone(), std::mem::take(&mut *overflow)))
+                })
+                .collect()
+        };
+        if pending.is_empty() {
+            return;
+        }
+        let drains = pending.into_iter().map(|(tx, kick, frames)| async move {
+            let drained = tokio::time::timeout(timeout, async {
+                for frame in frames {
+                    if tx.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if drained.is_err() {
+                self.stats.slow_consumer_drops.fetch_add(1, Ordering::Relaxed);
+                kick.fire(SLOW_CONSUMER);
+            }
+        });
+        futures::future::join_all(drains).await;
     }
 
     /// The number of live connections.
@@ -231,12 +379,15 @@ impl Hub {
     }
 }
 
-fn encode(event: &ServiceEvent) -> Frame {
+const SLOW_CONSUMER: &str = "slow consumer: outgoing queue full";
+
+/// The `/ws` frame of an event.
+pub fn encode(event: &ServiceEvent) -> Frame {
     let frame = EventFrame {
         event: event.kind.as_str(),
         service: &event.service,
         data: &event.data,
-        seq: event.seq,
+        seq: event.position.seq,
     };
     // Serializing a Value into a Vec cannot fail.
     Bytes::from(serde_json::to_vec(&frame).unwrap_or_default())
@@ -252,42 +403,64 @@ mod tests {
             service: Arc::from("messages"),
             kind: EventKind::Created,
             data: json!({"id": seq}),
-            seq,
+            position: Position { tick: seq, seq },
         }
     }
 
     #[tokio::test]
-    async fn a_full_queue_kicks_only_that_connection() {
+    async fn a_connection_that_stays_full_is_cut_off_at_flush_and_others_keep_everything() {
         let hub = Hub::new();
-        let mut fast = hub.join(4);
+        let mut fast = hub.join(2);
         let slow = hub.join(2);
         hub.subscribe(fast.id, Arc::from("messages"), KindSet::ALL);
         hub.subscribe(slow.id, Arc::from("messages"), KindSet::ALL);
-        for seq in 0..3 {
+        for seq in 0..5 {
             hub.publish(&event(seq));
-            let frame = fast.frames.recv().await.expect("fast gets every event");
-            assert!(
-                std::str::from_utf8(&frame)
-                    .expect("utf8")
-                    .contains(&format!("\"seq\":{seq}"))
-            );
         }
-        assert_eq!(
-            slow.kick.fired().await,
-            "slow consumer: outgoing queue full"
-        );
+        let reader = tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for _ in 0..5 {
+                let frame = fast.frames.recv().await.expect("fast gets every event");
+                let v: serde_json::Value = serde_json::from_slice(&frame).expect("json");
+                seqs.push(v["seq"].as_i64().expect("seq"));
+            }
+            (fast, seqs)
+        });
+        hub.flush(Duration::from_millis(200)).await;
+        let (fast, seqs) = reader.await.expect("reader");
+        assert_eq!(seqs, [0, 1, 2, 3, 4], "parked frames keep their order");
+        assert_eq!(slow.kick.fired().await, SLOW_CONSUMER);
         assert!(!fast.kick.token.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_resumed_subscription_drops_replayed_events_and_holds_later_ones() {
+        let hub = Hub::new();
+        let mut m = hub.join(8);
+        hub.begin_tick(5);
+        let until = hub.subscribe_after(m.id, Arc::from("messages"), KindSet::ALL, Position { tick: 3, seq: 30 });
+        assert_eq!(until, 5);
+        hub.publish(&ServiceEvent {
+            position: Position { tick: 5, seq: 51 },
+            ..event(51)
+        });
+        hub.begin_tick(6);
+        hub.publish(&ServiceEvent {
+            position: Position { tick: 6, seq: 60 },
+            ..event(60)
+        });
+        assert!(m.frames.try_recv().is_err(), "held during the replay");
+        hub.finish_replay(m.id, "messages");
+        let frame = m.frames.try_recv().expect("released after the replay");
+        assert!(std::str::from_utf8(&frame).expect("utf8").contains("\"seq\":60"));
+        assert!(m.frames.try_recv().is_err(), "tick 5 was the replay's, not live");
     }
 
     #[tokio::test]
     async fn kinds_filter_and_drop_unsubscribes() {
         let hub = Hub::new();
         let mut m = hub.join(4);
-        hub.subscribe(
-            m.id,
-            Arc::from("messages"),
-            KindSet::of(&[EventKind::Removed]),
-        );
+        hub.subscribe(m.id, Arc::from("messages"), KindSet::of(&[EventKind::Removed]));
         hub.publish(&event(1));
         assert!(m.frames.try_recv().is_err(), "created is not wanted");
         drop(m);

@@ -11,9 +11,7 @@ use sqlx::PgPool;
 
 use crate::config::{Config, Multi};
 use crate::error::{Error, Result};
-use crate::store::{
-    CaptureError, CatalogError, KeyKind, Store, Table, Target, WriteMode, install_capture,
-};
+use crate::store::{CaptureError, CatalogError, KeyKind, Store, Table, Target, WriteMode, install_capture};
 use query::Query;
 
 /// The Feathers service methods.
@@ -106,10 +104,7 @@ impl Services {
                 paginate: sc.paginate.sizes(),
                 hidden: sc.hidden.clone(),
             });
-            by_table
-                .entry((schema, table_name))
-                .or_default()
-                .push(service.clone());
+            by_table.entry((schema, table_name)).or_default().push(service.clone());
             by_name.insert(name.clone(), service);
         }
         Ok(Services {
@@ -160,26 +155,18 @@ impl Services {
             Method::Create => self.create(service, call.data).await?,
             Method::Update => {
                 let id = id.ok_or_else(|| {
-                    Error::bad_request(
-                        "You can not replace multiple instances. Did you mean 'patch'?",
-                    )
+                    Error::bad_request("You can not replace multiple instances. Did you mean 'patch'?")
                 })?;
                 let data = write_data(service, call.data, "update")?;
-                self.write_one(service, &query, &id, &data, WriteMode::Replace)
-                    .await?
+                self.write_one(service, &query, &id, &data, WriteMode::Replace).await?
             }
             Method::Patch => {
                 let data = write_data(service, call.data, "patch")?;
                 match id {
-                    Some(id) => {
-                        self.write_one(service, &query, &id, &data, WriteMode::Patch)
-                            .await?
-                    }
+                    Some(id) => self.write_one(service, &query, &id, &data, WriteMode::Patch).await?,
                     None => {
                         if !service.multi.allows("patch") {
-                            return Err(Error::method_not_allowed(
-                                "Can not patch multiple entries",
-                            ));
+                            return Err(Error::method_not_allowed("Can not patch multiple entries"));
                         }
                         let target = Target {
                             id: None,
@@ -188,11 +175,7 @@ impl Services {
                         if data.is_empty() {
                             Value::Array(self.store.select(table, &query, None, None).await?)
                         } else {
-                            Value::Array(
-                                self.store
-                                    .update(table, target, &data, WriteMode::Patch)
-                                    .await?,
-                            )
+                            Value::Array(self.store.update(table, target, &data, WriteMode::Patch).await?)
                         }
                     }
                 }
@@ -225,14 +208,9 @@ impl Services {
     async fn find(&self, service: &Service, query: &Query) -> Result<Value> {
         let table = &service.table;
         match service.paginate {
-            None => Ok(Value::Array(
-                self.store.select(table, query, None, query.limit).await?,
-            )),
+            None => Ok(Value::Array(self.store.select(table, query, None, query.limit).await?)),
             Some((default, max)) => {
-                let limit = query
-                    .limit
-                    .unwrap_or(i64::from(default))
-                    .min(i64::from(max));
+                let limit = query.limit.unwrap_or(i64::from(default)).min(i64::from(max));
                 let total = self.store.count(table, &query.filter).await?;
                 let data = if limit == 0 {
                     Vec::new()
@@ -245,10 +223,7 @@ impl Services {
     }
 
     async fn get_one(&self, service: &Service, query: &Query, id: &str) -> Result<Value> {
-        let mut rows = self
-            .store
-            .select(&service.table, query, Some(id), None)
-            .await?;
+        let mut rows = self.store.select(&service.table, query, Some(id), None).await?;
         rows.pop().ok_or_else(|| no_record(id))
     }
 
@@ -257,8 +232,7 @@ impl Services {
             Some(Value::Object(row)) => {
                 check_columns(service, &row, false)?;
                 let mut rows = self.store.insert(&service.table, &[row]).await?;
-                rows.pop()
-                    .ok_or_else(|| Error::general("insert returned no row"))
+                rows.pop().ok_or_else(|| Error::general("insert returned no row"))
             }
             Some(Value::Array(items)) => {
                 if !service.multi.allows("create") {
@@ -271,9 +245,7 @@ impl Services {
                         _ => Err(Error::bad_request("every item to create must be an object")),
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Ok(Value::Array(
-                    self.store.insert(&service.table, &rows).await?,
-                ))
+                Ok(Value::Array(self.store.insert(&service.table, &rows).await?))
             }
             _ => Err(Error::bad_request(
                 "create needs an object or an array of objects as data",
@@ -296,10 +268,7 @@ impl Services {
             id: Some(id),
             filter: &query.filter,
         };
-        let mut rows = self
-            .store
-            .update(&service.table, target, data, mode)
-            .await?;
+        let mut rows = self.store.update(&service.table, target, data, mode).await?;
         rows.pop().ok_or_else(|| no_record(id))
     }
 }
@@ -341,11 +310,7 @@ fn id_text(id: &Value, table: &Table) -> Result<String> {
         KeyKind::Uuid => is_uuid(&text),
         KeyKind::Other => true,
     };
-    if fits {
-        Ok(text)
-    } else {
-        Err(no_record(&text))
-    }
+    if fits { Ok(text) } else { Err(no_record(&text)) }
 }
 
 fn is_uuid(s: &str) -> bool {
@@ -357,9 +322,7 @@ fn is_uuid(s: &str) -> bool {
 /// (Feathers never changes a row's id through update or patch).
 fn write_data(service: &Service, data: Option<Value>, method: &str) -> Result<Map<String, Value>> {
     let Some(Value::Object(mut row)) = data else {
-        return Err(Error::bad_request(format!(
-            "{method} needs an object as data"
-        )));
+        return Err(Error::bad_request(format!("{method} needs an object as data")));
     };
     row.remove(&service.table.id().name);
     check_columns(service, &row, true)?;
@@ -370,15 +333,13 @@ fn check_columns(service: &Service, row: &Map<String, Value>, id_removed: bool) 
     for key in row.keys() {
         match service.table.column(key) {
             None => {
-                return Err(Error::bad_request(format!(
-                    "'{key}' is not a column of '{}'",
-                    service.name
-                ))
-                .with_field(key, "no such column"));
+                return Err(
+                    Error::bad_request(format!("'{key}' is not a column of '{}'", service.name))
+                        .with_field(key, "no such column"),
+                );
             }
             Some(c) if c.read_only && !(id_removed && c.name == service.table.id().name) => {
-                return Err(Error::bad_request(format!("'{key}' cannot be written"))
-                    .with_field(key, "read-only"));
+                return Err(Error::bad_request(format!("'{key}' cannot be written")).with_field(key, "read-only"));
             }
             Some(_) => {}
         }

@@ -121,9 +121,7 @@ fn parse_branches(op: &str, value: &Value, table: &Table) -> Result<Vec<Vec<Cond
         .iter()
         .map(|item| match item {
             Value::Object(obj) => parse_conditions(obj, table, false),
-            _ => Err(Error::bad_request(format!(
-                "{op} must be an array of objects"
-            ))),
+            _ => Err(Error::bad_request(format!("{op} must be an array of objects"))),
         })
         .collect()
 }
@@ -170,15 +168,11 @@ fn parse_field(column: &str, value: &Value, out: &mut Vec<Condition>) -> Result<
             "$gt" => CompareOp::Gt,
             "$gte" => CompareOp::Gte,
             other => {
-                return Err(Error::bad_request(format!(
-                    "Invalid query parameter {other}"
-                )));
+                return Err(Error::bad_request(format!("Invalid query parameter {other}")));
             }
         };
         if operand.is_null() {
-            return Err(Error::bad_request(format!(
-                "{op} on '{column}' needs a value"
-            )));
+            return Err(Error::bad_request(format!("{op} on '{column}' needs a value")));
         }
         out.push(Condition::Compare {
             column: column.to_owned(),
@@ -203,12 +197,8 @@ fn list_text(column: &str, op: &str, value: &Value) -> Result<Vec<String>> {
     match value {
         Value::Array(items) => items.iter().map(|v| scalar_text(column, v)).collect(),
         // qs turns a one-element list into a plain value when it is written as `$in=x`
-        Value::String(_) | Value::Number(_) | Value::Bool(_) => {
-            Ok(vec![scalar_text(column, value)?])
-        }
-        _ => Err(Error::bad_request(format!(
-            "{op} on '{column}' needs a list"
-        ))),
+        Value::String(_) | Value::Number(_) | Value::Bool(_) => Ok(vec![scalar_text(column, value)?]),
+        _ => Err(Error::bad_request(format!("{op} on '{column}' needs a list"))),
     }
 }
 
@@ -216,10 +206,10 @@ fn check_column(column: &str, table: &Table) -> Result<()> {
     if table.column(column).is_some() {
         Ok(())
     } else {
-        Err(Error::bad_request(format!(
-            "Invalid query parameter '{column}': no such column"
-        ))
-        .with_field(column, "no such column"))
+        Err(
+            Error::bad_request(format!("Invalid query parameter '{column}': no such column"))
+                .with_field(column, "no such column"),
+        )
     }
 }
 
@@ -231,17 +221,13 @@ fn parse_count(name: &str, value: &Value) -> Result<i64> {
     };
     match n {
         Some(n) if n >= 0 => Ok(n),
-        _ => Err(Error::bad_request(format!(
-            "{name} must be a non-negative integer"
-        ))),
+        _ => Err(Error::bad_request(format!("{name} must be a non-negative integer"))),
     }
 }
 
 fn parse_sort(value: &Value, table: &Table) -> Result<Vec<Sort>> {
     let Value::Object(fields) = value else {
-        return Err(Error::bad_request(
-            "$sort must be an object like {\"name\": 1}",
-        ));
+        return Err(Error::bad_request("$sort must be an object like {\"name\": 1}"));
     };
     fields
         .iter()
@@ -261,9 +247,7 @@ fn parse_sort(value: &Value, table: &Table) -> Result<Vec<Sort>> {
                     column: column.clone(),
                     descending: true,
                 }),
-                _ => Err(Error::bad_request(format!(
-                    "$sort for '{column}' must be 1 or -1"
-                ))),
+                _ => Err(Error::bad_request(format!("$sort for '{column}' must be 1 or -1"))),
             }
         })
         .collect()
@@ -337,11 +321,7 @@ mod tests {
 
     #[test]
     fn or_branches_nest() {
-        let q = Query::parse(
-            &json!({"$or": [{"name": "a"}, {"age": {"$lt": 3}}]}),
-            &table(),
-        )
-        .expect("valid");
+        let q = Query::parse(&json!({"$or": [{"name": "a"}, {"age": {"$lt": 3}}]}), &table()).expect("valid");
         assert!(matches!(&q.filter[..], [Condition::Or(b)] if b.len() == 2));
     }
 }

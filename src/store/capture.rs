@@ -16,21 +16,9 @@ pub struct CaptureError {
 
 /// The triggers, by name: (name, event, transition table clause).
 const TRIGGERS: [(&str, &str, &str); 3] = [
-    (
-        "quill_capture_insert",
-        "INSERT",
-        "REFERENCING NEW TABLE AS quill_new",
-    ),
-    (
-        "quill_capture_update",
-        "UPDATE",
-        "REFERENCING NEW TABLE AS quill_new",
-    ),
-    (
-        "quill_capture_delete",
-        "DELETE",
-        "REFERENCING OLD TABLE AS quill_old",
-    ),
+    ("quill_capture_insert", "INSERT", "REFERENCING NEW TABLE AS quill_new"),
+    ("quill_capture_update", "UPDATE", "REFERENCING NEW TABLE AS quill_new"),
+    ("quill_capture_delete", "DELETE", "REFERENCING OLD TABLE AS quill_old"),
 ];
 
 /// Makes sure the three capture triggers exist on `table`.
@@ -39,14 +27,13 @@ pub async fn install_capture(pool: &PgPool, table: &Table) -> Result<(), Capture
         table: format!("{}.{}", table.schema, table.name),
         source,
     };
-    let present: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = ANY($2)",
-    )
-    .bind(&table.qualified)
-    .bind(TRIGGERS.iter().map(|t| t.0).collect::<Vec<_>>())
-    .fetch_one(pool)
-    .await
-    .map_err(err)?;
+    let present: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = ANY($2)")
+            .bind(&table.qualified)
+            .bind(TRIGGERS.iter().map(|t| t.0).collect::<Vec<_>>())
+            .fetch_one(pool)
+            .await
+            .map_err(err)?;
     if present == TRIGGERS.len() as i64 {
         return Ok(());
     }
@@ -62,10 +49,7 @@ pub async fn install_capture(pool: &PgPool, table: &Table) -> Result<(), Capture
             name = quote_ident(name),
             table = table.qualified,
         );
-        sqlx::query(AssertSqlSafe(sql))
-            .execute(&mut *tx)
-            .await
-            .map_err(err)?;
+        sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await.map_err(err)?;
     }
     tx.commit().await.map_err(err)?;
     Ok(())

@@ -15,9 +15,7 @@ pub enum CatalogError {
         schema: String,
         table: String,
     },
-    #[error(
-        "service '{service}': {schema}.{table} is not a plain table (views cannot be captured)"
-    )]
+    #[error("service '{service}': {schema}.{table} is not a plain table (views cannot be captured)")]
     NotATable {
         service: String,
         schema: String,
@@ -90,11 +88,10 @@ impl Table {
             schema: schema.into(),
             table: name.into(),
         };
-        let kind: Option<String> =
-            sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)")
-                .bind(&qualified)
-                .fetch_optional(pool)
-                .await?;
+        let kind: Option<String> = sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)")
+            .bind(&qualified)
+            .fetch_optional(pool)
+            .await?;
         match kind.as_deref() {
             None => return Err(missing()),
             Some("r") | Some("p") => {}

@@ -42,11 +42,7 @@ impl Store {
         limit: Option<i64>,
     ) -> Result<Vec<Value>> {
         let st = sql::select(table, query, id, limit);
-        rows(&st)
-            .fetch_all(&self.pool)
-            .await
-            .map(unwrap_rows)
-            .map_err(db_error)
+        rows(&st).fetch_all(&self.pool).await.map(unwrap_rows).map_err(db_error)
     }
 
     pub async fn count(&self, table: &Table, filter: &[Condition]) -> Result<i64> {
@@ -79,20 +75,12 @@ impl Store {
         mode: WriteMode,
     ) -> Result<Vec<Value>> {
         let st = sql::update(table, target, row, mode);
-        rows(&st)
-            .fetch_all(&self.pool)
-            .await
-            .map(unwrap_rows)
-            .map_err(db_error)
+        rows(&st).fetch_all(&self.pool).await.map(unwrap_rows).map_err(db_error)
     }
 
     pub async fn delete(&self, table: &Table, target: Target<'_>) -> Result<Vec<Value>> {
         let st = sql::delete(table, target);
-        rows(&st)
-            .fetch_all(&self.pool)
-            .await
-            .map(unwrap_rows)
-            .map_err(db_error)
+        rows(&st).fetch_all(&self.pool).await.map(unwrap_rows).map_err(db_error)
     }
 }
 
@@ -129,16 +117,9 @@ pub(crate) fn db_error(err: sqlx::Error) -> Error {
                 return general(&err);
             };
             let code = pg.code();
-            let column = pg
-                .column()
-                .map(str::to_owned)
-                .or_else(|| key_column(pg.detail()));
+            let column = pg.column().map(str::to_owned).or_else(|| key_column(pg.detail()));
             match code {
-                "23505" => field_error(
-                    column,
-                    "already exists",
-                    "a row with this value already exists",
-                ),
+                "23505" => field_error(column, "already exists", "a row with this value already exists"),
                 "23502" => field_error(column, "must not be null", "a required value is missing"),
                 "23503" => field_error(
                     column,
@@ -147,14 +128,10 @@ pub(crate) fn db_error(err: sqlx::Error) -> Error {
                 ),
                 "23514" => {
                     let constraint = pg.constraint().unwrap_or("check");
-                    Error::bad_request(format!(
-                        "value violates the check constraint '{constraint}'"
-                    ))
+                    Error::bad_request(format!("value violates the check constraint '{constraint}'"))
                 }
                 "23P01" => Error::bad_request("value conflicts with an existing row"),
-                c if c.starts_with("22") => {
-                    Error::bad_request(format!("invalid value: {}", pg.message()))
-                }
+                c if c.starts_with("22") => Error::bad_request(format!("invalid value: {}", pg.message())),
                 // insufficient privilege on the table
                 "42501" => Error::new(ErrorKind::Forbidden, "the database refused this operation"),
                 c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {

@@ -131,10 +131,7 @@ impl<'a> Builder<'a> {
             }
             Condition::Or(branches) if branches.is_empty() => "FALSE".into(),
             Condition::Or(branches) => {
-                let parts: Vec<String> = branches
-                    .iter()
-                    .map(|b| format!("({})", self.conditions(b)))
-                    .collect();
+                let parts: Vec<String> = branches.iter().map(|b| format!("({})", self.conditions(b))).collect();
                 format!("({})", parts.join(" OR "))
             }
         }
@@ -160,12 +157,7 @@ impl<'a> Builder<'a> {
 }
 
 /// `SELECT row_to_json(t) ...` with the query's filter, order and page.
-pub(crate) fn select(
-    table: &Table,
-    query: &Query,
-    id: Option<&str>,
-    limit: Option<i64>,
-) -> Statement {
+pub(crate) fn select(table: &Table, query: &Query, id: Option<&str>, limit: Option<i64>) -> Statement {
     let mut b = Builder::new(table);
     let target = Target {
         id,
@@ -179,13 +171,7 @@ pub(crate) fn select(
     let mut order: Vec<String> = query
         .sort
         .iter()
-        .map(|s| {
-            format!(
-                "{} {}",
-                b.column(&s.column),
-                if s.descending { "DESC" } else { "ASC" }
-            )
-        })
+        .map(|s| format!("{} {}", b.column(&s.column), if s.descending { "DESC" } else { "ASC" }))
         .collect();
     // A stable tie-breaker, so that pages never repeat or skip rows.
     let id_name = &table.id().name;
@@ -208,10 +194,7 @@ pub(crate) fn select(
 pub(crate) fn count(table: &Table, filter: &[Condition]) -> Statement {
     let mut b = Builder::new(table);
     let clause = b.conditions(filter);
-    b.push(&format!(
-        "SELECT count(*) FROM {} AS t WHERE {clause}",
-        table.qualified
-    ));
+    b.push(&format!("SELECT count(*) FROM {} AS t WHERE {clause}", table.qualified));
     b.finish()
 }
 
@@ -238,18 +221,10 @@ pub(crate) fn insert(table: &Table, row: &Map<String, Value>) -> Statement {
 
 /// UPDATE of the target rows. A `Replace` tags the transaction so the trigger records
 /// `updated` instead of `patched`.
-pub(crate) fn update(
-    table: &Table,
-    target: Target<'_>,
-    row: &Map<String, Value>,
-    mode: WriteMode,
-) -> Statement {
+pub(crate) fn update(table: &Table, target: Target<'_>, row: &Map<String, Value>, mode: WriteMode) -> Statement {
     let mut b = Builder::new(table);
     let id_name = &table.id().name;
-    let mut sets: Vec<String> = row
-        .keys()
-        .map(|k| format!("{c} = r.{c}", c = quote_ident(k)))
-        .collect();
+    let mut sets: Vec<String> = row.keys().map(|k| format!("{c} = r.{c}", c = quote_ident(k))).collect();
     if mode == WriteMode::Replace {
         sets.extend(
             table
@@ -291,12 +266,7 @@ mod tests {
     use serde_json::json;
 
     fn table() -> Table {
-        Table::for_tests(
-            "public",
-            "we\"ird",
-            "id",
-            &[("id", "bigint"), ("name", "text")],
-        )
+        Table::for_tests("public", "we\"ird", "id", &[("id", "bigint"), ("name", "text")])
     }
 
     #[test]
@@ -328,8 +298,7 @@ mod tests {
             WriteMode::Replace,
         );
         assert!(
-            st.sql
-                .contains("set_config('quill.method', 'update', true)"),
+            st.sql.contains("set_config('quill.method', 'update', true)"),
             "{}",
             st.sql
         );

@@ -53,10 +53,7 @@ async fn health() -> &'static str {
 /// The database and the change listener are connected.
 async fn ready(State(state): State<AppState>) -> Response {
     let listening = state.listener.connected.load(Ordering::Relaxed);
-    let database = sqlx::query("SELECT 1")
-        .execute(state.services.pool())
-        .await
-        .is_ok();
+    let database = sqlx::query("SELECT 1").execute(state.services.pool()).await.is_ok();
     if listening && database {
         "ready".into_response()
     } else {

@@ -89,9 +89,7 @@ fn insert(map: &mut Map<String, Value>, path: &[Segment<'_>], value: String) -> 
         }
         return Ok(());
     }
-    let child = map
-        .entry(key.clone())
-        .or_insert_with(|| Value::Object(Map::new()));
+    let child = map.entry(key.clone()).or_insert_with(|| Value::Object(Map::new()));
     match child {
         Value::Object(inner) => insert(inner, rest, value),
         _ => Err(conflict(&key)),
@@ -131,10 +129,8 @@ mod tests {
 
     #[test]
     fn decodes_feathers_operators() {
-        let q = decode(
-            "name[$in][0]=a&name[$in][1]=b&%24sort%5Bage%5D=-1&$or[0][age][$lt]=30&$limit=2",
-        )
-        .expect("valid");
+        let q =
+            decode("name[$in][0]=a&name[$in][1]=b&%24sort%5Bage%5D=-1&$or[0][age][$lt]=30&$limit=2").expect("valid");
         assert_eq!(
             q,
             json!({"name": {"$in": ["a", "b"]}, "$sort": {"age": "-1"},

@@ -29,11 +29,7 @@ pub(super) async fn not_found() -> Response {
     error_response(&Error::not_found("Page not found"))
 }
 
-async fn find(
-    State(s): State<AppState>,
-    Path(service): Path<String>,
-    RawQuery(q): RawQuery,
-) -> Response {
+async fn find(State(s): State<AppState>, Path(service): Path<String>, RawQuery(q): RawQuery) -> Response {
     run(&s, service, Method::Find, None, None, q).await
 }
 
@@ -89,11 +85,7 @@ async fn remove_one(
     run(&s, service, Method::Remove, Some(id), None, q).await
 }
 
-async fn remove_many(
-    State(s): State<AppState>,
-    Path(service): Path<String>,
-    RawQuery(q): RawQuery,
-) -> Response {
+async fn remove_many(State(s): State<AppState>, Path(service): Path<String>, RawQuery(q): RawQuery) -> Response {
     run(&s, service, Method::Remove, None, None, q).await
 }
 
@@ -134,10 +126,9 @@ fn decode(
         _ => Value::Null,
     };
     let data = match body {
-        Some(bytes) if !bytes.iter().all(u8::is_ascii_whitespace) => Some(
-            serde_json::from_slice(&bytes)
-                .map_err(|e| Error::bad_request(format!("invalid JSON body: {e}")))?,
-        ),
+        Some(bytes) if !bytes.iter().all(u8::is_ascii_whitespace) => {
+            Some(serde_json::from_slice(&bytes).map_err(|e| Error::bad_request(format!("invalid JSON body: {e}")))?)
+        }
         Some(_) => Some(Value::Object(Default::default())),
         None => None,
     };

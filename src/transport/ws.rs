@@ -14,10 +14,16 @@ use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
 
 use super::{AppState, MAX_BODY_BYTES};
-use crate::error::Error;
+use std::sync::Arc;
+
+use tokio::sync::mpsc::Sender;
+
+use crate::change::{self, Replay, ResumeError};
+use crate::error::{Error, ErrorKind};
 use crate::event::EventKind;
-use crate::hub::{Frame, KindSet};
-use crate::service::{Method, ServiceCall};
+use crate::hub::{self, ConnId, Frame, KindSet};
+use crate::pipeline::event_for;
+use crate::service::{Method, Service, ServiceCall};
 
 /// Close code for a connection cut off because it did not read fast enough.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
@@ -106,13 +112,7 @@ where
     }
 }
 
-fn handle(
-    state: &AppState,
-    conn: crate::hub::ConnId,
-    replies: &tokio::sync::mpsc::Sender<Frame>,
-    calls: &mut JoinSet<()>,
-    text: &str,
-) {
+fn handle(state: &AppState, conn: ConnId, replies: &Sender<Frame>, calls: &mut JoinSet<()>, text: &str) {
     let mut request = match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(obj)) => obj,
         Ok(_) => {
@@ -140,9 +140,19 @@ fn handle(
         }
     };
     let reply = match method.as_str() {
-        "subscribe" => {
-            subscribe(state, conn, &service, &request).map(|()| json!({ "subscribed": service }))
-        }
+        "subscribe" => match request.get("since") {
+            None | Some(Value::Null) => {
+                subscribe(state, conn, &service, &request).map(|()| json!({ "subscribed": service }))
+            }
+            Some(since) => match resume_request(state, &service, &request, since) {
+                Ok((service, kinds, since)) => {
+                    let task = resume(state.clone(), conn, service, kinds, since, reference, replies.clone());
+                    calls.spawn(task);
+                    return;
+                }
+                Err(e) => Err(e),
+            },
+        },
         "unsubscribe" => {
             state.hub.unsubscribe(conn, &service);
             Ok(json!({ "unsubscribed": service }))
@@ -179,16 +189,100 @@ fn handle(
 
 /// Registers the subscription with the hub before the reply is queued, so any change
 /// committed after the client reads the reply is delivered.
-fn subscribe(
+fn subscribe(state: &AppState, conn: ConnId, service: &str, request: &Map<String, Value>) -> Result<(), Error> {
+    let service = find_service(state, service)?;
+    let kinds = parse_kinds(request)?;
+    state.hub.subscribe(conn, service.name.clone(), kinds);
+    Ok(())
+}
+
+fn find_service(state: &AppState, name: &str) -> Result<Arc<Service>, Error> {
+    state
+        .services
+        .get(name)
+        .cloned()
+        .ok_or_else(|| Error::not_found(format!("Service '{name}' not found")))
+}
+
+/// Checks a `subscribe` with `since` before anything is registered.
+fn resume_request(
     state: &AppState,
-    conn: crate::hub::ConnId,
     service: &str,
     request: &Map<String, Value>,
-) -> Result<(), Error> {
-    let service = state
-        .services
-        .get(service)
-        .ok_or_else(|| Error::not_found(format!("Service '{service}' not found")))?;
+    since: &Value,
+) -> Result<(Arc<Service>, KindSet, i64), Error> {
+    let service = find_service(state, service)?;
+    let kinds = parse_kinds(request)?;
+    let since = since
+        .as_i64()
+        .filter(|s| *s >= 0)
+        .ok_or_else(|| Error::bad_request("'since' must be the seq of the last event received"))?;
+    Ok((service, kinds, since))
+}
+
+/// Subscribes from a position: registers (holding live events back), replies, sends every
+/// missed event through the same stripping as live ones, then releases the held events.
+async fn resume(
+    state: AppState,
+    conn: ConnId,
+    service: Arc<Service>,
+    kinds: KindSet,
+    since: i64,
+    reference: Value,
+    replies: Sender<Frame>,
+) {
+    let pool = state.services.pool().clone();
+    let after = match change::locate(&pool, since).await {
+        Ok(after) => after,
+        Err(e) => {
+            let error = match e {
+                ResumeError::Gone(_) => Error::new(
+                    ErrorKind::Gone,
+                    format!("position {since} is older than the retained change log; reload and subscribe again"),
+                ),
+                ResumeError::Unknown(_) => {
+                    Error::bad_request(format!("position {since} is not the seq of a delivered event"))
+                }
+                ResumeError::Change(e) => {
+                    tracing::warn!(error = %e, "cannot locate a resume position");
+                    Error::unavailable("the database is unavailable, try again shortly")
+                }
+            };
+            let _ = replies.send(error_frame(&reference, &error)).await;
+            return;
+        }
+    };
+    let until = state.hub.subscribe_after(conn, service.name.clone(), kinds, after);
+    let reply = json!({ "subscribed": &*service.name, "since": since });
+    if replies.send(result_frame(&reference, reply)).await.is_err() {
+        return;
+    }
+    let table = &service.table;
+    let replayed = async {
+        let mut replay = Replay::new(pool, after, until).await?;
+        while let Some(page) = replay.next_page().await? {
+            for change in page {
+                let ours = change.table_schema == table.schema && change.table_name == table.name;
+                if ours && kinds.contains(change.kind) {
+                    let frame = hub::encode(&event_for(&change, &service));
+                    if replies.send(frame).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok::<(), change::ChangeError>(())
+    };
+    match replayed.await {
+        Ok(()) => state.hub.finish_replay(conn, &service.name),
+        Err(e) => {
+            tracing::warn!(error = %e, "resume failed");
+            state.hub.kick(conn, "resume failed: subscribe again with since");
+        }
+    }
+}
+
+fn parse_kinds(request: &Map<String, Value>) -> Result<KindSet, Error> {
     let kinds = match request.get("kinds") {
         None | Some(Value::Null) => KindSet::ALL,
         Some(Value::Array(items)) => {
@@ -206,12 +300,11 @@ fn subscribe(
         }
         Some(_) => return Err(Error::bad_request("'kinds' must be a list of event names")),
     };
-    state.hub.subscribe(conn, service.name.clone(), kinds);
-    Ok(())
+    Ok(kinds)
 }
 
 /// Queues a reply without blocking the session loop (which is what drains the queue).
-fn send_later(calls: &mut JoinSet<()>, replies: &tokio::sync::mpsc::Sender<Frame>, frame: Frame) {
+fn send_later(calls: &mut JoinSet<()>, replies: &Sender<Frame>, frame: Frame) {
     let replies = replies.clone();
     calls.spawn(async move {
         let _ = replies.send(frame).await;

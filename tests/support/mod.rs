@@ -45,9 +45,7 @@ impl Quill {
     pub async fn start_on(db: pg::TestDb, mut config: Config) -> Quill {
         config.pool_size = 4;
         config.poll_interval_ms = 500;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind port 0");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let url = db.url.clone();
@@ -68,9 +66,7 @@ impl Quill {
     /// Like `start_with`, but returns quill's start-up error.
     pub async fn start_error(config: Config) -> quill::GatewayError {
         let db = pg::TestDb::create().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind port 0");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         tokio::time::timeout(
             WAIT,
             quill::run(config, db.url.clone(), listener, std::future::pending()),
@@ -88,10 +84,10 @@ impl Quill {
             {
                 return;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "quill did not become ready"
-            );
+            if self.task.as_ref().is_some_and(|t| t.is_finished()) {
+                panic!("quill stopped during start-up; run with RUST_LOG=debug for details");
+            }
+            assert!(tokio::time::Instant::now() < deadline, "quill did not become ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -102,9 +98,7 @@ impl Quill {
 
     /// A plain SQL connection pool to the same database, as "another program" would use.
     pub async fn sql(&self) -> PgPool {
-        PgPool::connect(&self.db.url)
-            .await
-            .expect("connect for plain SQL")
+        PgPool::connect(&self.db.url).await.expect("connect for plain SQL")
     }
 
     pub async fn ws(&self) -> Ws {
@@ -134,9 +128,7 @@ impl Quill {
             let result = tokio::time::timeout(Duration::from_secs(15), task)
                 .await
                 .expect("quill stops in time");
-            result
-                .expect("quill task")
-                .expect("quill ran without error");
+            result.expect("quill task").expect("quill ran without error");
         }
         std::mem::replace(&mut self.db, pg::TestDb::detached())
     }

@@ -67,9 +67,7 @@ pub struct TestDb {
 impl TestDb {
     pub async fn create() -> TestDb {
         let admin = server_url();
-        let mut conn = PgConnection::connect(admin)
-            .await
-            .expect("connect to the test server");
+        let mut conn = PgConnection::connect(admin).await.expect("connect to the test server");
         drop_stale(&mut conn).await;
         let name = format!(
             "quill_t_{}_{}",
@@ -104,10 +102,7 @@ impl Drop for TestDb {
         let name = std::mem::take(&mut self.name);
         // Drop runs inside the test's runtime; use a thread with its own runtime.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 return;
             };
             rt.block_on(async {
@@ -126,17 +121,12 @@ impl Drop for TestDb {
 
 /// Drops databases left by test processes that no longer run.
 async fn drop_stale(conn: &mut PgConnection) {
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE 'quill_t_%'")
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap_or_default();
+    let names: Vec<String> = sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE 'quill_t_%'")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap_or_default();
     for name in names {
-        let pid = name
-            .trim_start_matches("quill_t_")
-            .split('_')
-            .next()
-            .unwrap_or("");
+        let pid = name.trim_start_matches("quill_t_").split('_').next().unwrap_or("");
         if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"

@@ -20,9 +20,16 @@ pub struct Ws {
 
 impl Ws {
     pub async fn connect(url: &str) -> Ws {
-        let (socket, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("ws connect");
+        let (socket, _) = tokio_tungstenite::connect_async(url).await.expect("ws connect");
+        Ws {
+            socket,
+            next_ref: 1,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Wraps a socket opened elsewhere.
+    pub fn from_stream(socket: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Ws {
         Ws {
             socket,
             next_ref: 1,
@@ -31,10 +38,7 @@ impl Ws {
     }
 
     pub async fn send_text(&mut self, text: &str) {
-        self.socket
-            .send(Message::text(text))
-            .await
-            .expect("ws send");
+        self.socket.send(Message::text(text)).await.expect("ws send");
     }
 
     /// Sends `{ref, method, service, ..extra}` and returns the reply frame; events that
@@ -65,10 +69,7 @@ impl Ws {
     /// `call` that expects success and returns `result`.
     pub async fn ok(&mut self, method: &str, service: &str, extra: Value) -> Value {
         let reply = self.call(method, service, extra).await;
-        assert!(
-            reply.get("error").is_none(),
-            "{method} {service} failed: {reply}"
-        );
+        assert!(reply.get("error").is_none(), "{method} {service} failed: {reply}");
         reply["result"].clone()
     }
 
@@ -100,11 +101,7 @@ impl Ws {
 
     /// Asserts that no event arrives within `quiet`.
     pub async fn expect_no_event(&mut self, quiet: Duration) {
-        assert!(
-            self.events.is_empty(),
-            "unexpected event: {:?}",
-            self.events.front()
-        );
+        assert!(self.events.is_empty(), "unexpected event: {:?}", self.events.front());
         match tokio::time::timeout(quiet, self.socket.next()).await {
             Err(_) => {}
             Ok(Some(Ok(Message::Text(t)))) => panic!("unexpected frame: {t}"),
