@@ -13,10 +13,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::change::monitor::run_monitor;
 use crate::change::retention::run_pruner;
-use crate::change::{ChangeError, ListenerHealth, LogReader, run_listener};
+use crate::change::{ChangeError, LogReader, run_listener};
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::pipeline;
 use crate::service::{Services, SetupError};
 use crate::transport::{AppState, router};
@@ -77,32 +79,31 @@ pub async fn run(
 ) -> Result<(), GatewayError> {
     let pool = connect_and_migrate(&database_url, &config).await?;
     let services = Arc::new(Services::build(pool.clone(), &config).await?);
-    let hub = Hub::new();
+    let metrics = Arc::new(Metrics::default());
+    let hub = Hub::with_metrics(metrics.clone());
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
 
     let wake = Arc::new(Notify::new());
-    let listener_health = Arc::new(ListenerHealth::default());
-    tracker.spawn(run_listener(
-        database_url,
-        wake.clone(),
-        listener_health.clone(),
-        token.clone(),
-    ));
+    tracker.spawn(run_listener(database_url, wake.clone(), metrics.clone(), token.clone()));
     let reader = LogReader::start(pool.clone(), wake, config.poll_interval()).await?;
+    metrics.delivered_tick.set(reader.position());
+    metrics.reader_up.set(1);
     tracker.spawn(pipeline::deliver(
         reader,
         services.clone(),
         hub.clone(),
+        metrics.clone(),
         config.slow_consumer_timeout(),
         token.clone(),
     ));
     tracker.spawn(run_pruner(pool.clone(), config.retention, token.clone()));
+    tracker.spawn(run_monitor(pool.clone(), metrics.clone(), token.clone()));
 
     let state = AppState {
         services,
         hub,
-        listener: listener_health,
+        metrics,
         outgoing_queue: config.outgoing_queue,
         shutdown: token.clone(),
     };

@@ -26,6 +26,7 @@ pub mod error;
 pub mod event;
 pub mod gateway;
 pub mod hub;
+pub mod metrics;
 pub mod pipeline;
 pub mod service;
 pub mod store;

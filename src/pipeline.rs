@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::change::{Change, ChangeSource};
 use crate::event::{Position, ServiceEvent};
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::service::{Service, Services};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -18,6 +19,7 @@ pub async fn deliver<S: ChangeSource>(
     mut source: S,
     services: Arc<Services>,
     hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
     slow_consumer_timeout: Duration,
     shutdown: CancellationToken,
 ) {
@@ -30,13 +32,19 @@ pub async fn deliver<S: ChangeSource>(
         match batch {
             Ok(changes) => {
                 backoff = Duration::from_millis(100);
+                metrics.reader_up.set(1);
+                metrics.changes_read.inc_by(changes.len() as u64);
                 for change in &changes {
                     publish(change, &services, &hub);
                 }
                 // Healthy clients set the pace; the change log is the buffer, not memory.
                 hub.flush(slow_consumer_timeout).await;
+                if let Some(last) = changes.last() {
+                    metrics.delivered_tick.set(last.tick);
+                }
             }
             Err(e) => {
+                metrics.reader_up.set(0);
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reading the change log failed");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,

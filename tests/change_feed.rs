@@ -54,6 +54,43 @@ async fn a_rolled_back_transaction_delivers_nothing() {
 }
 
 #[tokio::test]
+async fn a_100k_row_transaction_delivers_100k_events_in_order_and_multi_megabyte_rows_work() {
+    const N: i32 = 100_000;
+    let q = Quill::start().await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    let sql = q.sql().await;
+    let mut tx = sql.begin().await.expect("begin");
+    sqlx::query("INSERT INTO messages (text) SELECT g::text FROM generate_series(1, $1) g")
+        .bind(N)
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+    tx.commit().await.expect("commit");
+    let mut expected = 1;
+    let mut last_seq = 0;
+    while expected <= N {
+        let e = ws.next_event().await;
+        assert_eq!(e["data"]["text"], expected.to_string());
+        let seq = e["seq"].as_i64().expect("seq");
+        assert!(seq > last_seq);
+        last_seq = seq;
+        expected += 1;
+    }
+    let big = "y".repeat(5 * 1024 * 1024);
+    sqlx::query("INSERT INTO messages (text) VALUES ($1)")
+        .bind(&big)
+        .execute(&sql)
+        .await
+        .expect("5 MB row");
+    assert_eq!(
+        ws.next_event().await["data"]["text"].as_str().map(str::len),
+        Some(big.len())
+    );
+    ws.expect_no_event(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
 async fn killing_quills_database_sessions_mid_stream_loses_and_repeats_nothing() {
     const N: usize = 10_000;
     let q = Quill::start().await;

@@ -4,6 +4,7 @@ mod support;
 
 mod change_feed;
 mod events;
+mod recovery;
 mod rest_crud;
 mod rest_query;
 mod resume;

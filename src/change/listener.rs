@@ -5,13 +5,14 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
 
 /// The channel the capture trigger notifies.
 pub const CHANNEL: &str = "quill_change";
@@ -22,30 +23,17 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// What `/ready` and `/metrics` know about the listener.
-#[derive(Debug, Default)]
-pub struct ListenerHealth {
-    pub connected: AtomicBool,
-    pub reconnects: AtomicU64,
-    pub notifications: AtomicU64,
-}
-
 /// Runs until `shutdown` is cancelled.
-pub async fn run_listener(
-    database_url: String,
-    wake: Arc<Notify>,
-    health: Arc<ListenerHealth>,
-    shutdown: CancellationToken,
-) {
+pub async fn run_listener(database_url: String, wake: Arc<Notify>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
-        let session = listen_once(&database_url, &wake, &health, &shutdown);
+        let session = listen_once(&database_url, &wake, &metrics, &shutdown);
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return,
             outcome = session => outcome,
         };
-        health.connected.store(false, Ordering::Relaxed);
+        metrics.listener_connected.set(0);
         match outcome {
             Ok(()) => return,
             Err(Lost::AfterConnect(reason)) => {
@@ -57,7 +45,7 @@ pub async fn run_listener(
             }
         }
         if !first {
-            health.reconnects.fetch_add(1, Ordering::Relaxed);
+            metrics.listener_reconnects.inc();
         }
         first = false;
         tokio::select! {
@@ -76,7 +64,7 @@ enum Lost {
 async fn listen_once(
     database_url: &str,
     wake: &Arc<Notify>,
-    health: &Arc<ListenerHealth>,
+    metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
 ) -> Result<(), Lost> {
     let mut config = tokio_postgres::Config::from_str(database_url).map_err(|e| Lost::Connect(e.to_string()))?;
@@ -85,13 +73,13 @@ async fn listen_once(
     // Drive the connection in its own task: it must be polled for the client's queries to
     // make progress, and it drains notifications as fast as they come.
     let drain_wake = wake.clone();
-    let drain_health = health.clone();
+    let drain_metrics = metrics.clone();
     let mut driver = tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notification(_)) => {
-                    drain_health.notifications.fetch_add(1, Ordering::Relaxed);
+                    drain_metrics.notifications.inc();
                     drain_wake.notify_one();
                 }
                 Ok(_) => {}
@@ -106,7 +94,7 @@ async fn listen_once(
         r = listen => r.map_err(|e| Lost::Connect(e.to_string()))?,
         r = &mut driver => return Err(Lost::Connect(r.unwrap_or_else(|e| e.to_string()))),
     }
-    health.connected.store(true, Ordering::Relaxed);
+    metrics.listener_connected.set(1);
     tracing::info!("listening for changes");
     // Anything committed while we were not listening is in the log: read it now.
     wake.notify_one();

@@ -149,6 +149,13 @@ impl LogReader {
     }
 }
 
+impl LogReader {
+    /// The newest tick this reader has queued (at start: the tick it starts after).
+    pub fn position(&self) -> i64 {
+        self.cursor.last_tick
+    }
+}
+
 impl ChangeSource for LogReader {
     async fn next_batch(&mut self) -> Result<Vec<Change>, ChangeError> {
         loop {

@@ -6,13 +6,14 @@
 
 pub mod listener;
 pub mod log;
+pub mod monitor;
 pub mod retention;
 
 use std::future::Future;
 
 use serde_json::Value;
 
-pub use listener::{ListenerHealth, run_listener};
+pub use listener::run_listener;
 pub use log::{LogReader, Replay, ResumeError, locate};
 
 use crate::event::EventKind;

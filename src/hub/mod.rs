@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{EventKind, Position, ServiceEvent};
+use crate::metrics::Metrics;
 
 /// Identifies one live connection.
 pub type ConnId = u64;
@@ -125,21 +126,13 @@ struct State {
     subscriptions: HashMap<Arc<str>, HashMap<ConnId, Subscription>>,
 }
 
-/// Counters for `/metrics`.
-#[derive(Default)]
-pub struct HubStats {
-    pub delivered: AtomicU64,
-    pub slow_consumer_drops: AtomicU64,
-}
-
 /// The registry of live connections and their subscriptions.
-#[derive(Default)]
 pub struct Hub {
     state: RwLock<State>,
     next_id: AtomicU64,
     /// The newest tick whose events have started to be published.
     started_tick: AtomicI64,
-    pub stats: HubStats,
+    metrics: Arc<Metrics>,
 }
 
 /// A connection's end of the hub: its outgoing queue and its kick signal. Dropping it
@@ -170,7 +163,16 @@ struct EventFrame<'a> {
 
 impl Hub {
     pub fn new() -> Arc<Hub> {
-        Arc::new(Hub::default())
+        Self::with_metrics(Arc::default())
+    }
+
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Arc<Hub> {
+        Arc::new(Hub {
+            state: RwLock::default(),
+            next_id: AtomicU64::new(0),
+            started_tick: AtomicI64::new(0),
+            metrics,
+        })
     }
 
     /// Registers a connection with an outgoing queue of `capacity` frames.
@@ -185,6 +187,7 @@ impl Hub {
             overflow: Mutex::new(VecDeque::new()),
         };
         self.write().members.insert(id, member);
+        self.metrics.connections.inc();
         Membership {
             id,
             frames: rx,
@@ -246,11 +249,11 @@ impl Hub {
             .unwrap_or_default();
         for frame in held {
             if member.tx.try_send(frame).is_err() {
-                self.stats.slow_consumer_drops.fetch_add(1, Ordering::Relaxed);
+                self.metrics.slow_consumer_disconnects.inc();
                 member.kick.fire(SLOW_CONSUMER);
                 return;
             }
-            self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            self.metrics.events_delivered.inc();
         }
     }
 
@@ -278,7 +281,9 @@ impl Hub {
 
     fn remove(&self, conn: ConnId) {
         let mut state = self.write();
-        state.members.remove(&conn);
+        if state.members.remove(&conn).is_some() {
+            self.metrics.connections.dec();
+        }
         state.subscriptions.retain(|_, subs| {
             subs.remove(&conn);
             !subs.is_empty()
@@ -296,6 +301,7 @@ impl Hub {
             };
             for (conn, sub) in subs {
                 if !sub.kinds.contains(event.kind) {
+                    self.metrics.events_filtered.inc();
                     continue;
                 }
                 let Some(member) = state.members.get(conn) else {
@@ -318,12 +324,12 @@ impl Hub {
                     }
                 }
                 if member.offer(bytes) {
-                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.events_delivered.inc();
                 }
             }
         }
         for kick in full {
-            self.stats.slow_consumer_drops.fetch_add(1, Ordering::Relaxed);
+            self.metrics.slow_consumer_disconnects.inc();
             kick.fire(SLOW_CONSUMER);
         }
     }
@@ -357,7 +363,7 @@ impl Hub {
             })
             .await;
             if drained.is_err() {
-                self.stats.slow_consumer_drops.fetch_add(1, Ordering::Relaxed);
+                self.metrics.slow_consumer_disconnects.inc();
                 kick.fire(SLOW_CONSUMER);
             }
         });

@@ -6,7 +6,6 @@ mod rest;
 pub mod ws;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
@@ -15,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
-use crate::change::ListenerHealth;
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::service::Services;
 
 /// The largest request body or WebSocket frame accepted.
@@ -27,7 +26,7 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 pub struct AppState {
     pub services: Arc<Services>,
     pub hub: Arc<Hub>,
-    pub listener: Arc<ListenerHealth>,
+    pub metrics: Arc<Metrics>,
     pub outgoing_queue: usize,
     pub shutdown: CancellationToken,
 }
@@ -37,6 +36,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/ws", get(ws::upgrade))
         .merge(rest::routes())
         .fallback(rest::not_found)
@@ -50,17 +50,30 @@ async fn health() -> &'static str {
     "ok"
 }
 
-/// The database and the change listener are connected.
+/// Ready when the database answers, the LISTEN connection is up and the change reader
+/// reads without errors (after an outage it has caught up when this turns ready again).
 async fn ready(State(state): State<AppState>) -> Response {
-    let listening = state.listener.connected.load(Ordering::Relaxed);
-    let database = sqlx::query("SELECT 1").execute(state.services.pool()).await.is_ok();
-    if listening && database {
-        "ready".into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: database or change listener disconnected",
-        )
-            .into_response()
+    let listening = state.metrics.listener_connected.get() == 1;
+    let reading = state.metrics.reader_up.get() == 1;
+    let probe = sqlx::query("SELECT 1").execute(state.services.pool());
+    let database = tokio::time::timeout(std::time::Duration::from_secs(2), probe)
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let unready = |why: &'static str| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    match (database, listening, reading) {
+        (true, true, true) => "ready".into_response(),
+        (false, _, _) => unready("not ready: database unreachable"),
+        (_, false, _) => unready("not ready: change listener disconnected"),
+        (_, _, false) => unready("not ready: change reader failing"),
     }
+}
+
+/// Prometheus text exposition.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    (
+        [(axum::http::header::CONTENT_TYPE, content_type)],
+        state.metrics.render(),
+    )
+        .into_response()
 }

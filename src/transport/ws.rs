@@ -29,6 +29,8 @@ use crate::service::{Method, Service, ServiceCall};
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 /// Close code when quill shuts down (RFC 6455 "going away").
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// How long a closing session may spend sending what it has queued.
+const SHUTDOWN_FLUSH: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A frame from the client.
 #[derive(Debug)]
@@ -91,6 +93,15 @@ where
                 break;
             }
             _ = state.shutdown.cancelled() => {
+                // Deliver what is already queued, within a bound, then say goodbye.
+                let flush = async {
+                    while let Ok(frame) = member.frames.try_recv() {
+                        if tx.send(Outbound::Text(frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(SHUTDOWN_FLUSH, flush).await;
                 let _ = tx.send(Outbound::Close { code: CLOSE_GOING_AWAY, reason: "server shutting down" }).await;
                 break;
             }

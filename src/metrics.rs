@@ -1,0 +1,128 @@
+//! Prometheus metrics, one registry per quill instance (no global recorder, so several
+//! instances in one process, as in the tests, keep their own counts).
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Every metric quill exports at `/metrics`.
+pub struct Metrics {
+    registry: Registry,
+    /// Changes read from the change log.
+    pub changes_read: Counter,
+    /// Event frames queued to connections.
+    pub events_delivered: Counter,
+    /// Events a subscriber did not get because its filter (kinds) excluded them.
+    pub events_filtered: Counter,
+    /// Connections cut off because they did not read fast enough.
+    pub slow_consumer_disconnects: Counter,
+    /// Open WebSocket connections.
+    pub connections: Gauge,
+    /// 1 while the LISTEN connection is up.
+    pub listener_connected: Gauge,
+    pub listener_reconnects: Counter,
+    /// NOTIFY wake-ups received.
+    pub notifications: Counter,
+    /// 1 while the change reader reads without errors.
+    pub reader_up: Gauge,
+    /// The newest tick whose events were delivered.
+    pub delivered_tick: Gauge,
+    /// Committed changes not yet delivered, and the age of the oldest of them.
+    pub lag_events: Gauge,
+    pub lag_seconds: Gauge<f64, AtomicU64>,
+    /// `pg_notification_queue_usage()`: at 1.0 every notifying commit fails.
+    pub notify_queue_usage: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("quill");
+        let m = Metrics {
+            changes_read: Counter::default(),
+            events_delivered: Counter::default(),
+            events_filtered: Counter::default(),
+            slow_consumer_disconnects: Counter::default(),
+            connections: Gauge::default(),
+            listener_connected: Gauge::default(),
+            listener_reconnects: Counter::default(),
+            notifications: Counter::default(),
+            reader_up: Gauge::default(),
+            delivered_tick: Gauge::default(),
+            lag_events: Gauge::default(),
+            lag_seconds: Gauge::default(),
+            notify_queue_usage: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "changes_read",
+            "Changes read from the change log",
+            m.changes_read.clone(),
+        );
+        registry.register(
+            "events_delivered",
+            "Event frames queued to connections",
+            m.events_delivered.clone(),
+        );
+        registry.register(
+            "events_filtered",
+            "Events withheld from a subscriber by its filter",
+            m.events_filtered.clone(),
+        );
+        registry.register(
+            "slow_consumer_disconnects",
+            "Connections cut off for not reading fast enough",
+            m.slow_consumer_disconnects.clone(),
+        );
+        registry.register("connections", "Open WebSocket connections", m.connections.clone());
+        registry.register(
+            "listener_connected",
+            "1 while the LISTEN connection is up",
+            m.listener_connected.clone(),
+        );
+        registry.register(
+            "listener_reconnects",
+            "LISTEN reconnects",
+            m.listener_reconnects.clone(),
+        );
+        registry.register("notifications", "NOTIFY wake-ups received", m.notifications.clone());
+        registry.register(
+            "reader_up",
+            "1 while the change reader reads without errors",
+            m.reader_up.clone(),
+        );
+        registry.register(
+            "delivered_tick",
+            "Newest tick whose events were delivered",
+            m.delivered_tick.clone(),
+        );
+        registry.register(
+            "listener_lag_events",
+            "Committed changes not yet delivered",
+            m.lag_events.clone(),
+        );
+        registry.register(
+            "listener_lag_seconds",
+            "Age of the oldest committed change not yet delivered",
+            m.lag_seconds.clone(),
+        );
+        registry.register(
+            "notify_queue_usage",
+            "pg_notification_queue_usage(): share of the NOTIFY queue in use",
+            m.notify_queue_usage.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

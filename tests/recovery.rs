@@ -1,0 +1,162 @@
+//! quill under database trouble: a Postgres restart, shutdown, health and metrics.
+
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::support::{Quill, WAIT, pg};
+use quill::Config;
+use quill::cluster::LocalCluster;
+
+async fn start_cluster(dir: std::path::PathBuf, port: u16) -> LocalCluster {
+    tokio::task::spawn_blocking(move || LocalCluster::start(&dir, port))
+        .await
+        .expect("join")
+        .expect("start a dedicated PostgreSQL")
+}
+
+async fn insert_range(pool: &PgPool, from: usize, to: usize) {
+    for i in from..to {
+        sqlx::query("INSERT INTO messages (text) VALUES ($1)")
+            .bind(i.to_string())
+            .execute(pool)
+            .await
+            .expect("insert");
+    }
+}
+
+async fn ready_status(q: &Quill) -> u16 {
+    match q.http.get(q.url("/ready")).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+async fn wait_for_ready_status(q: &Quill, wanted: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while ready_status(q).await != wanted {
+        assert!(tokio::time::Instant::now() < deadline, "/ready never became {wanted}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn quill_rides_out_a_postgres_restart_and_loses_no_change() {
+    let dir = std::env::temp_dir().join(format!("quill-restart-{}", std::process::id()));
+    let port = pg::free_port();
+    let cluster = start_cluster(dir.clone(), port).await;
+    let admin = PgPool::connect(&cluster.url("postgres")).await.expect("admin");
+    sqlx::query("CREATE DATABASE quill")
+        .execute(&admin)
+        .await
+        .expect("create db");
+    admin.close().await;
+    let url = cluster.url("quill");
+    let q = Quill::start_on(
+        pg::TestDb {
+            name: String::new(),
+            url: url.clone(),
+        },
+        Config::demo(),
+    )
+    .await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+
+    let sql = PgPool::connect(&url).await.expect("sql");
+    insert_range(&sql, 0, 100).await;
+    // Committed right before the stop: quill may not have read these yet.
+    insert_range(&sql, 100, 150).await;
+    sql.close().await;
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .expect("stop PostgreSQL");
+
+    // Down: quill stays up, the socket stays open, readiness and calls say so.
+    wait_for_ready_status(&q, 503).await;
+    let (status, body) = q.rest("GET", "/messages", None).await;
+    assert_eq!((status, body["name"].as_str()), (503, Some("Unavailable")), "{body}");
+    let reply = ws.call("find", "messages", json!({})).await;
+    assert_eq!(reply["error"]["code"], 503, "{reply}");
+
+    let cluster = start_cluster(dir.clone(), port).await;
+    let sql = PgPool::connect(&url).await.expect("sql after restart");
+    insert_range(&sql, 150, 200).await;
+    let texts: Vec<String> = ws
+        .events(200)
+        .await
+        .iter()
+        .map(|e| e["data"]["text"].as_str().unwrap_or("").to_owned())
+        .collect();
+    let expected: Vec<String> = (0..200).map(|i| i.to_string()).collect();
+    assert!(texts == expected, "all 200 changes, once each, in order: {texts:?}");
+    ws.expect_no_event(Duration::from_millis(500)).await;
+    wait_for_ready_status(&q, 200).await;
+    sql.close().await;
+    q.shutdown().await;
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn shutdown_delivers_what_is_queued_and_closes_sockets_with_going_away() {
+    let q = Quill::start().await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    let sql = q.sql().await;
+    sqlx::query("INSERT INTO messages (text) VALUES ('last words')")
+        .execute(&sql)
+        .await
+        .expect("insert");
+    assert_eq!(ws.next_event().await["data"]["text"], "last words");
+    let stopping = tokio::spawn(q.shutdown());
+    let (code, reason) = ws.closed().await;
+    assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("stops in time")
+        .expect("clean stop");
+}
+
+#[tokio::test]
+async fn health_ready_and_metrics_report_the_feed() {
+    let q = Quill::start().await;
+    let resp = q.http.get(q.url("/health")).send().await.expect("health");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(ready_status(&q).await, 200);
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    let sql = q.sql().await;
+    sqlx::query("INSERT INTO messages (text) SELECT 'm' FROM generate_series(1, 3)")
+        .execute(&sql)
+        .await
+        .expect("insert");
+    ws.events(3).await;
+    let text = q
+        .http
+        .get(q.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    for line in [
+        "quill_changes_read_total 3",
+        "quill_events_delivered_total 3",
+        "quill_connections 1",
+        "quill_listener_connected 1",
+        "quill_reader_up 1",
+        "quill_notify_queue_usage",
+        "quill_listener_lag_events",
+        "quill_listener_lag_seconds",
+        "quill_slow_consumer_disconnects_total 0",
+        "quill_listener_reconnects_total 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(line)),
+            "missing '{line}' in:\n{text}"
+        );
+    }
+}
