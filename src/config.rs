@@ -58,6 +58,9 @@ pub struct Config {
     /// How long the change log keeps changes for clients resuming with `since`.
     #[serde(default)]
     pub retention: Retention,
+    /// Authentication; without it only `public` rules can ever grant.
+    #[serde(default)]
+    pub authentication: Option<AuthConfig>,
     /// Create the demo tables (`users`, `messages`) if they are missing.
     #[serde(default)]
     pub demo_tables: bool,
@@ -122,6 +125,140 @@ pub struct ServiceConfig {
     /// Columns that never leave quill: removed from every response and every event.
     #[serde(default)]
     pub hidden: Vec<String>,
+    /// Who may call each method: one rule list for all methods, or per method
+    /// (`find`, `get`, `create`, `update`, `patch`, `remove`). Rules: `public`,
+    /// `authenticated`, `owner:<column>`, `role:<name>`, `none`; several rules mean any of
+    /// them. Default: `authenticated` (and `public` for `create` on the users service).
+    #[serde(default)]
+    pub access: Option<Access>,
+    /// Channels that receive this service's events, templated from the row:
+    /// `["authenticated"]` (the default), `["users/{user_id}", "roles/admin"]`, or `[]`.
+    #[serde(default)]
+    pub publish: Option<Vec<String>>,
+    /// Columns the server sets from the caller, e.g. `{ user_id = "id" }`: set on create and
+    /// update, never taken from the client.
+    #[serde(default)]
+    pub stamp: BTreeMap<String, String>,
+    /// Columns only some roles may write, e.g. `{ role = ["admin"] }`.
+    #[serde(default)]
+    pub write_roles: BTreeMap<String, Vec<String>>,
+    /// Columns only some readers may see, e.g. `{ email = ["owner:id", "role:admin"] }`.
+    #[serde(default)]
+    pub visible_to: BTreeMap<String, Vec<String>>,
+}
+
+/// A service's `access` setting.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Access {
+    All(Rules),
+    PerMethod(MethodRules),
+}
+
+/// Rules per method; a method left out gets the default.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MethodRules {
+    pub find: Option<Rules>,
+    pub get: Option<Rules>,
+    pub create: Option<Rules>,
+    pub update: Option<Rules>,
+    pub patch: Option<Rules>,
+    pub remove: Option<Rules>,
+}
+
+/// One rule or a list of rules (any of them grants).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Rules {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Rules {
+    pub fn list(&self) -> Vec<String> {
+        match self {
+            Rules::One(rule) => vec![rule.clone()],
+            Rules::Many(rules) => rules.clone(),
+        }
+    }
+}
+
+/// Authentication: local (email + password) and JWT, Feathers-shaped.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The service whose rows are the users.
+    #[serde(default = "default_auth_service")]
+    pub service: String,
+    #[serde(default = "default_username_field")]
+    pub username_field: String,
+    /// Hashed with argon2id on every write, never sent to a client.
+    #[serde(default = "default_password_field")]
+    pub password_field: String,
+    /// The column holding the user's role (for `role:` rules and `roles/<role>` channels).
+    #[serde(default)]
+    pub role_field: Option<String>,
+    /// HS256 secret for quill's tokens. `QUILL_JWT_SECRET` overrides it. Required unless
+    /// quill runs the demo, which generates one.
+    #[serde(default)]
+    pub jwt_secret: Option<String>,
+    /// Token lifetime in seconds (default one day, as in Feathers).
+    #[serde(default = "default_expires_in")]
+    pub expires_in_seconds: u64,
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// Login attempts allowed per minute per client address and per username.
+    #[serde(default)]
+    pub rate_limit: RateLimit,
+    /// Tokens of another issuer accepted as well.
+    #[serde(default)]
+    pub external: Option<ExternalJwt>,
+}
+
+/// Login rate limits (attempts per minute).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    #[serde(default = "default_per_address")]
+    pub per_address: u32,
+    #[serde(default = "default_per_username")]
+    pub per_username: u32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            per_address: default_per_address(),
+            per_username: default_per_username(),
+        }
+    }
+}
+
+/// An external issuer's tokens, mapped to a connection user by claims.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalJwt {
+    /// `HS256`, `HS384`, `HS512`, `RS256`, `RS384`, `RS512`, `ES256` or `ES384`.
+    pub algorithm: String,
+    /// Shared secret for HS* algorithms.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// PEM public key for RS*/ES* algorithms.
+    #[serde(default)]
+    pub public_key_pem: Option<String>,
+    /// Required `aud` and `iss`, if set.
+    #[serde(default)]
+    pub audience: Option<String>,
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// The claim holding the user id (default `sub`) and the role (optional).
+    #[serde(default = "default_id_claim")]
+    pub id_claim: String,
+    #[serde(default)]
+    pub role_claim: Option<String>,
 }
 
 impl ServiceConfig {
@@ -189,6 +326,36 @@ impl Paginate {
     }
 }
 
+const DEMO: &str = include_str!("demo.toml");
+
+fn default_auth_service() -> String {
+    "users".into()
+}
+fn default_username_field() -> String {
+    "email".into()
+}
+fn default_password_field() -> String {
+    "password".into()
+}
+fn default_expires_in() -> u64 {
+    86_400
+}
+fn default_audience() -> String {
+    "quill".into()
+}
+fn default_issuer() -> String {
+    "quill".into()
+}
+fn default_per_address() -> u32 {
+    20
+}
+fn default_per_username() -> u32 {
+    10
+}
+fn default_id_claim() -> String {
+    "sub".into()
+}
+
 /// Paths quill serves itself, so no service may take them.
 const RESERVED_PATHS: [&str; 6] = ["authentication", "ws", "health", "ready", "metrics", "socket.io"];
 
@@ -225,6 +392,7 @@ impl Default for Config {
             slow_consumer_timeout_ms: default_slow_consumer_timeout_ms(),
             poll_interval_ms: default_poll_interval_ms(),
             retention: Retention::default(),
+            authentication: None,
             demo_tables: false,
             services: BTreeMap::new(),
         }
@@ -258,31 +426,8 @@ impl Config {
 
     /// The demo: the `users` and `messages` tables of the Feathers real-time guide.
     pub fn demo() -> Self {
-        let mut config = Config {
-            demo_tables: true,
-            ..Config::default()
-        };
-        config.services.insert(
-            "users".into(),
-            ServiceConfig {
-                table: None,
-                id: default_id(),
-                multi: Multi::default(),
-                paginate: Paginate::default(),
-                hidden: vec!["password".into()],
-            },
-        );
-        config.services.insert(
-            "messages".into(),
-            ServiceConfig {
-                table: None,
-                id: default_id(),
-                multi: Multi::default(),
-                paginate: Paginate::default(),
-                hidden: Vec::new(),
-            },
-        );
-        config
+        // The embedded demo config is tested below; it cannot fail to parse.
+        toml::from_str(DEMO).unwrap_or_default()
     }
 
     /// Checks what can be checked without a database. Table and column names are checked
@@ -365,6 +510,15 @@ mod tests {
         assert!(s.multi.allows("patch") && !s.multi.allows("remove"));
         assert_eq!(s.paginate.sizes(), Some((5, 20)));
         assert_eq!(c.port, 4000);
+    }
+
+    #[test]
+    fn the_demo_config_parses_and_validates() {
+        let demo: Config = toml::from_str(DEMO).expect("demo.toml parses");
+        demo.validate().expect("demo.toml is valid");
+        assert!(demo.demo_tables);
+        assert_eq!(demo.services["messages"].stamp["user_id"], "id");
+        assert!(demo.authentication.is_some());
     }
 
     #[test]

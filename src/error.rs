@@ -70,7 +70,7 @@ impl ErrorKind {
 }
 
 /// A failed service call, as the client sees it. Carries no SQL text and no secrets.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{} {}", kind.name(), message)]
 pub struct Error {
     pub kind: ErrorKind,

@@ -1,7 +1,9 @@
 //! The composition root: connects, migrates, builds the services, spawns the listener and
 //! the delivery pipeline, serves HTTP, and owns shutdown.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +18,12 @@ use tokio_util::task::TaskTracker;
 use crate::change::monitor::run_monitor;
 use crate::change::retention::run_pruner;
 use crate::change::{ChangeError, LogReader, run_listener};
+use crate::channel::{EventFilter, Publisher};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::pipeline;
-use crate::service::{Services, SetupError};
+use crate::service::{ServiceExtensions, Services, SetupError};
 use crate::transport::{AppState, router};
 
 /// How long shutdown waits for tasks and sockets before giving up.
@@ -70,6 +73,42 @@ pub async fn migrate(pool: &PgPool, demo_tables: bool) -> Result<(), GatewayErro
     Ok(())
 }
 
+/// What Rust code embedding quill adds to its services, in the spirit of Feathers'
+/// `service.publish(...)` and `channel.filter(...)`:
+///
+/// ```no_run
+/// # use quill::gateway::Extensions;
+/// let extensions = Extensions::default()
+///     // messages go to their room's channel only
+///     .publish("messages", |event: &quill::ServiceEvent| vec![format!("rooms/{}", event.data["room_id"])])
+///     // and never to users flagged as muted
+///     .filter("messages", |_event: &quill::ServiceEvent, user: Option<&quill::auth::Principal>| {
+///         user.is_none_or(|u| u.user["muted"] != true)
+///     });
+/// ```
+#[derive(Default, Clone)]
+pub struct Extensions {
+    services: HashMap<String, ServiceExtensions>,
+}
+
+impl Extensions {
+    /// Replaces a service's `publish` rule with code.
+    pub fn publish(mut self, service: &str, publisher: impl Publisher + 'static) -> Self {
+        self.services.entry(service.to_owned()).or_default().publisher = Some(Arc::new(publisher));
+        self
+    }
+
+    /// Adds a per-connection filter to a service's events (all filters must allow).
+    pub fn filter(mut self, service: &str, filter: impl EventFilter + 'static) -> Self {
+        self.services
+            .entry(service.to_owned())
+            .or_default()
+            .filters
+            .push(Arc::new(filter));
+        self
+    }
+}
+
 /// Runs quill on `listener` until `shutdown` resolves.
 pub async fn run(
     config: Config,
@@ -77,8 +116,19 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    run_with(config, Extensions::default(), database_url, listener, shutdown).await
+}
+
+/// [`run`], with code-defined publishers and filters.
+pub async fn run_with(
+    config: Config,
+    extensions: Extensions,
+    database_url: String,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
     let pool = connect_and_migrate(&database_url, &config).await?;
-    let services = Arc::new(Services::build(pool.clone(), &config).await?);
+    let services = Arc::new(Services::build(pool.clone(), &config, extensions.services).await?);
     let metrics = Arc::new(Metrics::default());
     let hub = Hub::with_metrics(metrics.clone());
     let token = CancellationToken::new();
@@ -116,7 +166,7 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "quill is serving");
     }
-    let served = axum::serve(listener, app)
+    let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(token.clone().cancelled_owned())
         .await;
     token.cancel();

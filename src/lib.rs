@@ -19,7 +19,9 @@
 //! [`gateway::run`] wires it together; [`cluster`] starts a private Postgres for the demo
 //! and for tests.
 
+pub mod auth;
 pub mod change;
+pub mod channel;
 pub mod cluster;
 pub mod config;
 pub mod error;
@@ -35,4 +37,4 @@ pub mod transport;
 pub use config::Config;
 pub use error::{Error, ErrorKind};
 pub use event::{EventKind, ServiceEvent};
-pub use gateway::{GatewayError, run};
+pub use gateway::{Extensions, GatewayError, run, run_with};

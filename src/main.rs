@@ -56,10 +56,22 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn load_config(opts: &Options) -> anyhow::Result<Config> {
+    let demo = opts.config.is_none();
     let mut config = match &opts.config {
         Some(path) => Config::from_file(path).with_context(|| format!("loading {}", path.display()))?,
         None => Config::demo(),
     };
+    if let Some(auth) = &mut config.authentication {
+        if let Ok(secret) = std::env::var("QUILL_JWT_SECRET")
+            && !secret.is_empty()
+        {
+            auth.jwt_secret = Some(secret);
+        }
+        if auth.jwt_secret.is_none() && demo {
+            auth.jwt_secret = Some(quill::auth::generate_secret().context("cannot generate a JWT secret")?);
+            tracing::warn!("demo mode: generated a JWT secret; tokens stop working on restart (set QUILL_JWT_SECRET)");
+        }
+    }
     if let Some(port) = opts.port {
         config.port = port;
     }

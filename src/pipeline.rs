@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Authenticator, id_text};
 use crate::change::{Change, ChangeSource};
-use crate::event::{Position, ServiceEvent};
+use crate::event::{EventKind, Position, ServiceEvent};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::service::{Service, Services};
@@ -59,7 +60,30 @@ pub async fn deliver<S: ChangeSource>(
 fn publish(change: &Change, services: &Services, hub: &Hub) {
     hub.begin_tick(change.tick);
     for service in services.for_table(&change.table_schema, &change.table_name) {
-        hub.publish(&event_for(change, service));
+        // A change to a user moves that user's connections first, so that, say, a demoted
+        // admin gets no admin-only event from here on.
+        if let Some(auth) = services.auth()
+            && Arc::ptr_eq(auth.entity(), service)
+        {
+            apply_user_change(auth, change, hub);
+        }
+        let event = event_for(change, service);
+        hub.publish(&mut service.policy.prepare(&event));
+    }
+}
+
+/// Live authorization: `connection.user` follows the users table, whoever wrote it.
+fn apply_user_change(auth: &Authenticator, change: &Change, hub: &Hub) {
+    let Some(id) = id_text(&change.row, &auth.entity().table.id().name) else {
+        return;
+    };
+    match change.kind {
+        EventKind::Removed => hub.logout_user(&id, "user removed"),
+        _ => {
+            if let Some(principal) = auth.principal_from_row(&change.row, None) {
+                hub.update_user(&id, principal.role, principal.user);
+            }
+        }
     }
 }
 

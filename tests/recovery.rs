@@ -6,7 +6,6 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::support::{Quill, WAIT, pg};
-use quill::Config;
 use quill::cluster::LocalCluster;
 
 async fn start_cluster(dir: std::path::PathBuf, port: u16) -> LocalCluster {
@@ -58,7 +57,7 @@ async fn quill_rides_out_a_postgres_restart_and_loses_no_change() {
             name: String::new(),
             url: url.clone(),
         },
-        Config::demo(),
+        crate::support::open_demo(),
     )
     .await;
     let mut ws = q.ws().await;

@@ -3,7 +3,6 @@
 use serde_json::{Value, json};
 
 use crate::support::Quill;
-use quill::Config;
 
 async fn user(q: &Quill, email: &str) -> Value {
     let (status, body) = q
@@ -103,7 +102,7 @@ async fn multi_methods_are_405_unless_the_service_allows_them() {
 
 #[tokio::test]
 async fn multi_create_patch_and_remove_work_when_enabled() {
-    let mut config = Config::demo();
+    let mut config = crate::support::open_demo();
     if let Some(s) = config.services.get_mut("messages") {
         s.multi = quill::config::Multi::All(true);
     }

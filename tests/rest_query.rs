@@ -3,7 +3,6 @@
 use serde_json::{Value, json};
 
 use crate::support::Quill;
-use quill::Config;
 
 async fn seed(q: &Quill) {
     let mut config_ok = true;
@@ -65,7 +64,7 @@ async fn select_keeps_the_id_and_the_named_columns() {
 
 #[tokio::test]
 async fn pagination_reports_total_limit_and_skip_and_clamps_to_max() {
-    let mut config = Config::demo();
+    let mut config = crate::support::open_demo();
     if let Some(s) = config.services.get_mut("messages") {
         s.paginate = quill::config::Paginate::Sizes { default: 2, max: 3 };
     }
@@ -86,7 +85,7 @@ async fn pagination_reports_total_limit_and_skip_and_clamps_to_max() {
 
 #[tokio::test]
 async fn a_service_without_pagination_returns_a_plain_array() {
-    let mut config = Config::demo();
+    let mut config = crate::support::open_demo();
     if let Some(s) = config.services.get_mut("messages") {
         s.paginate = quill::config::Paginate::Enabled(false);
     }

@@ -23,7 +23,7 @@ async fn a_stalled_client_is_cut_off_while_others_receive_everything() {
     let config = Config {
         outgoing_queue: 256,
         slow_consumer_timeout_ms: 500,
-        ..Config::demo()
+        ..crate::support::open_demo()
     };
     let q = Quill::start_with(config).await;
     // The stalled client subscribes and then never reads again.

@@ -11,7 +11,7 @@ async fn a_missing_table_or_column_fails_start_up_with_its_name() {
     let err = Quill::start_error(config).await;
     assert!(err.to_string().contains("public.nowhere does not exist"), "{err}");
 
-    let mut config = Config::demo();
+    let mut config = crate::support::open_demo();
     if let Some(s) = config.services.get_mut("users") {
         s.hidden.push("shoe_size".into());
     }
@@ -26,7 +26,7 @@ async fn two_instances_on_one_database_both_deliver_every_change_once() {
         name: String::new(),
         url: a.db.url.clone(),
     };
-    let b = Quill::start_on(db, Config::demo()).await;
+    let b = Quill::start_on(db, crate::support::open_demo()).await;
     let mut wa = a.ws().await;
     let mut wb = b.ws().await;
     wa.subscribe("messages").await;

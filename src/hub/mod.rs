@@ -1,132 +1,104 @@
-//! Fan-out: who is subscribed to what, and one bounded outgoing queue per connection.
+//! Fan-out: connections, their channels and subscriptions, one bounded queue each.
 //!
-//! [`Hub::publish`] never waits: it serializes an event once, offers the shared bytes to each
-//! subscriber's queue, and cuts off a connection whose queue is full (it can resume later).
-//! The listener therefore never slows down for a slow client.
+//! An event goes to the connections that are in one of its channels *and* subscribed to
+//! its service, each at most once. The hub walks whichever set is smaller (the channels'
+//! members or the service's subscribers), so the cost follows the receivers, not all
+//! connections. [`Hub::publish`] never waits; [`Hub::flush`] paces delivery by healthy
+//! clients and cuts off stalled ones.
 
-use std::collections::{HashMap, VecDeque};
+mod member;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
-use serde::Serialize;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use crate::event::{EventKind, Position, ServiceEvent};
+pub use member::{ConnId, Frame, Kick, KindSet, RenderedEvent, Subscription};
+use member::{Member, Resume};
+
+use crate::auth::Principal;
+use crate::channel::{self, Prepared};
+use crate::event::Position;
 use crate::metrics::Metrics;
 
-/// Identifies one live connection.
-pub type ConnId = u64;
-
-/// A serialized text frame (always UTF-8 JSON), shared by every receiver.
-pub type Frame = Bytes;
-
-/// The event kinds a subscription wants, as a bit set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KindSet(u8);
-
-impl KindSet {
-    pub const ALL: KindSet = KindSet(0b1111);
-
-    pub fn of(kinds: &[EventKind]) -> KindSet {
-        KindSet(kinds.iter().fold(0, |acc, k| acc | Self::bit(*k)))
-    }
-
-    fn bit(kind: EventKind) -> u8 {
-        match kind {
-            EventKind::Created => 1,
-            EventKind::Updated => 2,
-            EventKind::Patched => 4,
-            EventKind::Removed => 8,
-        }
-    }
-
-    pub fn contains(self, kind: EventKind) -> bool {
-        self.0 & Self::bit(kind) != 0
-    }
-}
-
-struct Member {
-    tx: mpsc::Sender<Frame>,
-    kick: Kick,
-    capacity: usize,
-    /// Frames that did not fit in the queue during the current page, in order. Drained by
-    /// [`Hub::flush`] before the next page, so it never holds more than one page.
-    overflow: Mutex<VecDeque<Frame>>,
-}
-
-impl Member {
-    /// Queues a frame, or parks it in the overflow (behind any frame already parked, so the
-    /// order holds). Returns false when the connection is gone.
-    fn offer(&self, frame: Frame) -> bool {
-        let Ok(mut overflow) = self.overflow.lock() else {
-            return false;
-        };
-        if !overflow.is_empty() {
-            overflow.push_back(frame);
-            return true;
-        }
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(frame)) => {
-                overflow.push_back(frame);
-                true
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-}
-
-/// One connection's subscription to one service.
-struct Subscription {
-    kinds: KindSet,
-    /// Set when the subscription resumed from a position.
-    resume: Option<Mutex<Resume>>,
-}
-
-/// A resumed subscription: events up to `skip_through` come from the replay, and live events
-/// are held back in `held` until the replay has been sent.
-struct Resume {
-    skip_through: Position,
-    held: Option<Vec<Frame>>,
-}
-
-/// Why and when a connection was cut off by the hub.
-#[derive(Clone, Default)]
-pub struct Kick {
-    token: CancellationToken,
-    reason: Arc<Mutex<Option<&'static str>>>,
-}
-
-impl Kick {
-    fn fire(&self, reason: &'static str) {
-        if let Ok(mut slot) = self.reason.lock() {
-            slot.get_or_insert(reason);
-        }
-        self.token.cancel();
-    }
-
-    /// Resolves when the connection must close; gives the reason.
-    pub async fn fired(&self) -> &'static str {
-        self.token.cancelled().await;
-        self.reason
-            .lock()
-            .ok()
-            .and_then(|r| *r)
-            .unwrap_or("closed by the server")
-    }
-}
+const SLOW_CONSUMER: &str = "slow consumer: outgoing queue full";
 
 #[derive(Default)]
 struct State {
     members: HashMap<ConnId, Member>,
-    /// service → subscriber → subscription
-    subscriptions: HashMap<Arc<str>, HashMap<ConnId, Subscription>>,
+    /// channel → members
+    channels: HashMap<Arc<str>, HashSet<ConnId>>,
+    /// service → subscribers (besides `all_services`)
+    by_service: HashMap<Arc<str>, HashSet<ConnId>>,
+    /// connections subscribed to every service
+    all_services: HashSet<ConnId>,
+    /// user id → that user's connections
+    by_user: HashMap<String, HashSet<ConnId>>,
 }
 
-/// The registry of live connections and their subscriptions.
+impl State {
+    fn join_channel(&mut self, conn: ConnId, channel: &str) {
+        let Some(member) = self.members.get_mut(&conn) else {
+            return;
+        };
+        let name: Arc<str> = Arc::from(channel);
+        member.channels.insert(name.clone());
+        self.channels.entry(name).or_default().insert(conn);
+    }
+
+    fn leave_channel(&mut self, conn: ConnId, channel: &str) {
+        if let Some(member) = self.members.get_mut(&conn) {
+            member.channels.remove(channel);
+        }
+        if let Some(members) = self.channels.get_mut(channel) {
+            members.remove(&conn);
+            if members.is_empty() {
+                self.channels.remove(channel);
+            }
+        }
+    }
+
+    /// The channels a user's connection belongs to.
+    fn user_channels(principal: &Principal) -> Vec<String> {
+        let mut names = vec![channel::AUTHENTICATED.to_owned(), channel::user_channel(&principal.id)];
+        if let Some(role) = &principal.role {
+            names.push(channel::role_channel(role));
+        }
+        names
+    }
+
+    fn set_principal(&mut self, conn: ConnId, principal: Option<Arc<Principal>>) {
+        let Some(member) = self.members.get_mut(&conn) else {
+            return;
+        };
+        let old = std::mem::replace(&mut member.principal, principal.clone());
+        if let Some(old) = &old {
+            for name in Self::user_channels(old) {
+                self.leave_channel(conn, &name);
+            }
+            if let Some(conns) = self.by_user.get_mut(&old.id) {
+                conns.remove(&conn);
+                if conns.is_empty() {
+                    self.by_user.remove(&old.id);
+                }
+            }
+        }
+        match &principal {
+            Some(p) => {
+                self.leave_channel(conn, channel::ANONYMOUS);
+                for name in Self::user_channels(p) {
+                    self.join_channel(conn, &name);
+                }
+                self.by_user.entry(p.id.clone()).or_default().insert(conn);
+            }
+            None => self.join_channel(conn, channel::ANONYMOUS),
+        }
+    }
+}
+
+/// The registry of live connections.
 pub struct Hub {
     state: RwLock<State>,
     next_id: AtomicU64,
@@ -135,8 +107,7 @@ pub struct Hub {
     metrics: Arc<Metrics>,
 }
 
-/// A connection's end of the hub: its outgoing queue and its kick signal. Dropping it
-/// removes the connection and all its subscriptions.
+/// A connection's end of the hub. Dropping it removes the connection everywhere.
 pub struct Membership {
     pub id: ConnId,
     pub frames: mpsc::Receiver<Frame>,
@@ -150,15 +121,6 @@ impl Drop for Membership {
     fn drop(&mut self) {
         self.hub.remove(self.id);
     }
-}
-
-/// The wire form of an event on `/ws`.
-#[derive(Serialize)]
-struct EventFrame<'a> {
-    event: &'static str,
-    service: &'a str,
-    data: &'a serde_json::Value,
-    seq: i64,
 }
 
 impl Hub {
@@ -175,18 +137,19 @@ impl Hub {
         })
     }
 
-    /// Registers a connection with an outgoing queue of `capacity` frames.
+    /// Registers a connection (in the `anonymous` channel) with a queue of `capacity` frames.
     pub fn join(self: &Arc<Self>, capacity: usize) -> Membership {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let capacity = capacity.max(1);
+        let (tx, rx) = mpsc::channel(capacity);
         let kick = Kick::default();
-        let member = Member {
-            tx: tx.clone(),
-            kick: kick.clone(),
-            capacity: capacity.max(1),
-            overflow: Mutex::new(VecDeque::new()),
-        };
-        self.write().members.insert(id, member);
+        {
+            let mut state = self.write();
+            state
+                .members
+                .insert(id, Member::new(tx.clone(), kick.clone(), capacity));
+            state.join_channel(id, channel::ANONYMOUS);
+        }
         self.metrics.connections.inc();
         Membership {
             id,
@@ -197,63 +160,173 @@ impl Hub {
         }
     }
 
-    /// Subscribes a connection to a service's events. Live as soon as this returns: any
-    /// batch published afterwards reaches the connection.
-    pub fn subscribe(&self, conn: ConnId, service: Arc<str>, kinds: KindSet) {
+    fn remove(&self, conn: ConnId) {
         let mut state = self.write();
-        if state.members.contains_key(&conn) {
-            let sub = Subscription { kinds, resume: None };
-            state.subscriptions.entry(service).or_default().insert(conn, sub);
+        state.set_principal(conn, None);
+        let Some(member) = state.members.remove(&conn) else {
+            return;
+        };
+        for name in &member.channels {
+            if let Some(members) = state.channels.get_mut(name) {
+                members.remove(&conn);
+                if members.is_empty() {
+                    state.channels.remove(name);
+                }
+            }
         }
+        for service in member.subscriptions.keys() {
+            if let Some(subs) = state.by_service.get_mut(service) {
+                subs.remove(&conn);
+                if subs.is_empty() {
+                    state.by_service.remove(service);
+                }
+            }
+        }
+        state.all_services.remove(&conn);
+        self.metrics.connections.dec();
+    }
+
+    /// Logs a connection in: it leaves `anonymous` and joins `authenticated`,
+    /// `users/<id>` and `roles/<role>`.
+    pub fn login(&self, conn: ConnId, principal: Principal) {
+        self.write().set_principal(conn, Some(Arc::new(principal)));
+    }
+
+    /// Logs a connection out: back to `anonymous` only (plus any custom channels).
+    pub fn logout(&self, conn: ConnId) {
+        self.write().set_principal(conn, None);
+    }
+
+    /// `connection.user` of a connection.
+    pub fn principal(&self, conn: ConnId) -> Option<Arc<Principal>> {
+        self.read().members.get(&conn).and_then(|m| m.principal.clone())
+    }
+
+    /// Puts a connection in a custom channel (rooms and the like).
+    pub fn join_channel(&self, conn: ConnId, channel: &str) {
+        self.write().join_channel(conn, channel);
+    }
+
+    pub fn leave_channel(&self, conn: ConnId, channel: &str) {
+        self.write().leave_channel(conn, channel);
+    }
+
+    /// A user's row changed: their live connections take the new role and user at once.
+    pub fn update_user(&self, id: &str, role: Option<String>, user: serde_json::Value) {
+        let mut state = self.write();
+        let conns: Vec<ConnId> = state
+            .by_user
+            .get(id)
+            .map(|c| c.iter().copied().collect())
+            .unwrap_or_default();
+        for conn in conns {
+            let Some(old) = state.members.get(&conn).and_then(|m| m.principal.clone()) else {
+                continue;
+            };
+            let updated = Principal {
+                role: role.clone(),
+                user: user.clone(),
+                ..(*old).clone()
+            };
+            state.set_principal(conn, Some(Arc::new(updated)));
+        }
+    }
+
+    /// Logs out every connection of a user (the user was removed), telling each why.
+    pub fn logout_user(&self, id: &str, reason: &'static str) {
+        let mut state = self.write();
+        let conns: Vec<ConnId> = state
+            .by_user
+            .get(id)
+            .map(|c| c.iter().copied().collect())
+            .unwrap_or_default();
+        for conn in conns {
+            state.set_principal(conn, None);
+            if let Some(member) = state.members.get(&conn) {
+                member.offer(Frame::Logout { reason });
+            }
+        }
+    }
+
+    /// Subscribes a connection to one service. Live as soon as this returns: any batch
+    /// published afterwards reaches the connection.
+    pub fn subscribe(&self, conn: ConnId, service: Arc<str>, subscription: Subscription) {
+        let mut state = self.write();
+        let Some(member) = state.members.get_mut(&conn) else {
+            return;
+        };
+        member.subscriptions.insert(service.clone(), subscription);
+        state.by_service.entry(service).or_default().insert(conn);
+    }
+
+    /// Subscribes a connection to every service, as a Feathers socket is.
+    pub fn subscribe_all(&self, conn: ConnId) {
+        let mut state = self.write();
+        let Some(member) = state.members.get_mut(&conn) else {
+            return;
+        };
+        member.all_services = Some(Subscription::new(KindSet::ALL, None));
+        state.all_services.insert(conn);
     }
 
     /// Subscribes a connection that resumes after `after`. Returns the tick the caller must
     /// replay up to (inclusive); live events up to there are dropped for this subscriber, and
     /// later ones are held until [`Hub::finish_replay`], so nothing is missed or repeated.
-    pub fn subscribe_after(&self, conn: ConnId, service: Arc<str>, kinds: KindSet, after: Position) -> i64 {
+    pub fn subscribe_after(
+        &self,
+        conn: ConnId,
+        service: Arc<str>,
+        mut subscription: Subscription,
+        after: Position,
+    ) -> i64 {
         let mut state = self.write();
         // Read under the write lock: publishing takes the read lock, so no event of a later
         // tick can slip between this read and the registration.
         let until = self.started_tick.load(Ordering::SeqCst);
-        if state.members.contains_key(&conn) {
-            let skip_through = after.max(Position {
-                tick: until,
-                seq: i64::MAX,
-            });
-            let resume = Resume {
-                skip_through,
-                held: Some(Vec::new()),
-            };
-            let sub = Subscription {
-                kinds,
-                resume: Some(Mutex::new(resume)),
-            };
-            state.subscriptions.entry(service).or_default().insert(conn, sub);
+        let skip_through = after.max(Position {
+            tick: until,
+            seq: i64::MAX,
+        });
+        subscription.resume = Some(Mutex::new(Resume {
+            skip_through,
+            held: Some(Vec::new()),
+        }));
+        if let Some(member) = state.members.get_mut(&conn) {
+            member.subscriptions.insert(service.clone(), subscription);
+            state.by_service.entry(service).or_default().insert(conn);
         }
         until
     }
 
     /// Ends a replay: queues the live events held meanwhile and goes live.
     pub fn finish_replay(&self, conn: ConnId, service: &str) {
-        let state = self.write();
-        let (Some(member), Some(sub)) = (
-            state.members.get(&conn),
-            state.subscriptions.get(service).and_then(|subs| subs.get(&conn)),
-        ) else {
+        let state = self.read();
+        let Some(member) = state.members.get(&conn) else {
             return;
         };
-        let held = sub
-            .resume
-            .as_ref()
+        let held = member
+            .subscriptions
+            .get(service)
+            .and_then(|s| s.resume.as_ref())
             .and_then(|r| r.lock().ok().and_then(|mut r| r.held.take()))
             .unwrap_or_default();
         for frame in held {
-            if member.tx.try_send(frame).is_err() {
-                self.metrics.slow_consumer_disconnects.inc();
-                member.kick.fire(SLOW_CONSUMER);
-                return;
+            if member.offer(frame) {
+                self.metrics.events_delivered.inc();
             }
-            self.metrics.events_delivered.inc();
+        }
+    }
+
+    pub fn unsubscribe(&self, conn: ConnId, service: &str) {
+        let mut state = self.write();
+        if let Some(member) = state.members.get_mut(&conn) {
+            member.subscriptions.remove(service);
+        }
+        if let Some(subs) = state.by_service.get_mut(service) {
+            subs.remove(&conn);
+            if subs.is_empty() {
+                state.by_service.remove(service);
+            }
         }
     }
 
@@ -269,62 +342,44 @@ impl Hub {
         self.started_tick.fetch_max(tick, Ordering::SeqCst);
     }
 
-    pub fn unsubscribe(&self, conn: ConnId, service: &str) {
-        let mut state = self.write();
-        if let Some(subs) = state.subscriptions.get_mut(service) {
-            subs.remove(&conn);
-            if subs.is_empty() {
-                state.subscriptions.remove(service);
-            }
-        }
-    }
-
-    fn remove(&self, conn: ConnId) {
-        let mut state = self.write();
-        if state.members.remove(&conn).is_some() {
-            self.metrics.connections.dec();
-        }
-        state.subscriptions.retain(|_, subs| {
-            subs.remove(&conn);
-            !subs.is_empty()
-        });
-    }
-
-    /// Offers an event to every subscriber. Serializes it once; never blocks.
-    pub fn publish(&self, event: &ServiceEvent) {
-        let mut frame: Option<Frame> = None;
+    /// Offers an event to every connection that may have it. Never blocks.
+    pub fn publish(&self, prepared: &mut Prepared<'_>) {
         let mut full = Vec::new();
         {
             let state = self.read();
-            let Some(subs) = state.subscriptions.get(&*event.service) else {
-                return;
-            };
-            for (conn, sub) in subs {
-                if !sub.kinds.contains(event.kind) {
-                    self.metrics.events_filtered.inc();
-                    continue;
-                }
-                let Some(member) = state.members.get(conn) else {
-                    continue;
-                };
-                let bytes = frame.get_or_insert_with(|| encode(event)).clone();
-                if let Some(resume) = &sub.resume
-                    && let Ok(mut resume) = resume.lock()
-                {
-                    if event.position <= resume.skip_through {
+            let service: &str = &prepared.event.service;
+            let channel_sets: Vec<&HashSet<ConnId>> = prepared
+                .channels
+                .iter()
+                .filter_map(|c| state.channels.get(c.as_str()))
+                .collect();
+            let in_channels: usize = channel_sets.iter().map(|s| s.len()).sum();
+            let subscribers = state.by_service.get(service);
+            let subscribed = subscribers.map_or(0, HashSet::len) + state.all_services.len();
+            if in_channels <= subscribed {
+                // Walk the channels' members, each connection once.
+                let mut seen = HashSet::new();
+                for conn in channel_sets.iter().flat_map(|s| s.iter()) {
+                    if channel_sets.len() > 1 && !seen.insert(*conn) {
                         continue;
                     }
-                    if let Some(held) = &mut resume.held {
-                        if held.len() >= member.capacity {
-                            full.push(member.kick.clone());
-                        } else {
-                            held.push(bytes);
-                        }
-                        continue;
+                    if let Some(member) = state.members.get(conn)
+                        && let Some(sub) = member.subscription(service)
+                    {
+                        self.offer_to(member, sub, prepared, &mut full);
                     }
                 }
-                if member.offer(bytes) {
-                    self.metrics.events_delivered.inc();
+            } else {
+                // Walk the service's subscribers; keep those in one of the channels.
+                let conns = subscribers.into_iter().flatten().chain(state.all_services.iter());
+                for conn in conns {
+                    let Some(member) = state.members.get(conn) else {
+                        continue;
+                    };
+                    let listed = prepared.channels.iter().any(|c| member.channels.contains(c.as_str()));
+                    if let (true, Some(sub)) = (listed, member.subscription(service)) {
+                        self.offer_to(member, sub, prepared, &mut full);
+                    }
                 }
             }
         }
@@ -334,19 +389,63 @@ impl Hub {
         }
     }
 
+    fn offer_to(&self, member: &Member, sub: &Subscription, prepared: &mut Prepared<'_>, full: &mut Vec<Kick>) {
+        let event = prepared.event;
+        let view = match prepared.view_for(member.principal.as_deref()) {
+            Some(view) if sub.wants(event.kind, &event.data) => view,
+            _ => {
+                self.metrics.events_filtered.inc();
+                return;
+            }
+        };
+        let frame = Frame::Event(prepared.frame(view));
+        if let Some(resume) = &sub.resume
+            && let Ok(mut resume) = resume.lock()
+        {
+            if event.position <= resume.skip_through {
+                return;
+            }
+            if let Some(held) = &mut resume.held {
+                if held.len() >= member.capacity {
+                    full.push(member.kick.clone());
+                } else {
+                    held.push(frame);
+                }
+                return;
+            }
+        }
+        if member.offer(frame) {
+            self.metrics.events_delivered.inc();
+        }
+    }
+
+    /// The frame a replayed event makes for one connection, if that connection may have it
+    /// now (same channels, filters and view as a live event).
+    pub fn replay_frame(&self, conn: ConnId, prepared: &mut Prepared<'_>) -> Option<Frame> {
+        let state = self.read();
+        let member = state.members.get(&conn)?;
+        let listed = prepared.channels.iter().any(|c| member.channels.contains(c.as_str()));
+        let sub = member.subscription(&prepared.event.service)?;
+        if !listed || !sub.wants(prepared.event.kind, &prepared.event.data) {
+            return None;
+        }
+        let view = prepared.view_for(member.principal.as_deref())?;
+        Some(Frame::Event(prepared.frame(view)))
+    }
+
     /// Waits until every connection with parked frames has taken them, for at most
     /// `timeout`; a connection that has not by then is cut off as a slow consumer. The
     /// pipeline calls this after each page, so healthy clients set the pace and a stalled
     /// one delays the others by at most `timeout`, once.
     pub async fn flush(&self, timeout: Duration) {
-        let pending: Vec<(mpsc::Sender<Frame>, Kick, VecDeque<Frame>)> = {
+        let pending: Vec<(mpsc::Sender<Frame>, Kick, Vec<Frame>)> = {
             let state = self.read();
             state
                 .members
                 .values()
                 .filter_map(|m| {
                     let mut overflow = m.overflow.lock().ok()?;
-                    (!overflow.is_empty()).then(|| (m.tx.clone(), m.kick.clone(), std::mem::take(&mut *overflow)))
+                    (!overflow.is_empty()).then(|| (m.tx.clone(), m.kick.clone(), overflow.drain(..).collect()))
                 })
                 .collect()
         };
@@ -385,92 +484,5 @@ impl Hub {
     }
 }
 
-const SLOW_CONSUMER: &str = "slow consumer: outgoing queue full";
-
-/// The `/ws` frame of an event.
-pub fn encode(event: &ServiceEvent) -> Frame {
-    let frame = EventFrame {
-        event: event.kind.as_str(),
-        service: &event.service,
-        data: &event.data,
-        seq: event.position.seq,
-    };
-    // Serializing a Value into a Vec cannot fail.
-    Bytes::from(serde_json::to_vec(&frame).unwrap_or_default())
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn event(seq: i64) -> ServiceEvent {
-        ServiceEvent {
-            service: Arc::from("messages"),
-            kind: EventKind::Created,
-            data: json!({"id": seq}),
-            position: Position { tick: seq, seq },
-        }
-    }
-
-    #[tokio::test]
-    async fn a_connection_that_stays_full_is_cut_off_at_flush_and_others_keep_everything() {
-        let hub = Hub::new();
-        let mut fast = hub.join(2);
-        let slow = hub.join(2);
-        hub.subscribe(fast.id, Arc::from("messages"), KindSet::ALL);
-        hub.subscribe(slow.id, Arc::from("messages"), KindSet::ALL);
-        for seq in 0..5 {
-            hub.publish(&event(seq));
-        }
-        let reader = tokio::spawn(async move {
-            let mut seqs = Vec::new();
-            for _ in 0..5 {
-                let frame = fast.frames.recv().await.expect("fast gets every event");
-                let v: serde_json::Value = serde_json::from_slice(&frame).expect("json");
-                seqs.push(v["seq"].as_i64().expect("seq"));
-            }
-            (fast, seqs)
-        });
-        hub.flush(Duration::from_millis(200)).await;
-        let (fast, seqs) = reader.await.expect("reader");
-        assert_eq!(seqs, [0, 1, 2, 3, 4], "parked frames keep their order");
-        assert_eq!(slow.kick.fired().await, SLOW_CONSUMER);
-        assert!(!fast.kick.token.is_cancelled());
-    }
-
-    #[tokio::test]
-    async fn a_resumed_subscription_drops_replayed_events_and_holds_later_ones() {
-        let hub = Hub::new();
-        let mut m = hub.join(8);
-        hub.begin_tick(5);
-        let until = hub.subscribe_after(m.id, Arc::from("messages"), KindSet::ALL, Position { tick: 3, seq: 30 });
-        assert_eq!(until, 5);
-        hub.publish(&ServiceEvent {
-            position: Position { tick: 5, seq: 51 },
-            ..event(51)
-        });
-        hub.begin_tick(6);
-        hub.publish(&ServiceEvent {
-            position: Position { tick: 6, seq: 60 },
-            ..event(60)
-        });
-        assert!(m.frames.try_recv().is_err(), "held during the replay");
-        hub.finish_replay(m.id, "messages");
-        let frame = m.frames.try_recv().expect("released after the replay");
-        assert!(std::str::from_utf8(&frame).expect("utf8").contains("\"seq\":60"));
-        assert!(m.frames.try_recv().is_err(), "tick 5 was the replay's, not live");
-    }
-
-    #[tokio::test]
-    async fn kinds_filter_and_drop_unsubscribes() {
-        let hub = Hub::new();
-        let mut m = hub.join(4);
-        hub.subscribe(m.id, Arc::from("messages"), KindSet::of(&[EventKind::Removed]));
-        hub.publish(&event(1));
-        assert!(m.frames.try_recv().is_err(), "created is not wanted");
-        drop(m);
-        assert_eq!(hub.connections(), 0);
-        assert!(hub.read().subscriptions.is_empty());
-    }
-}
+mod tests;

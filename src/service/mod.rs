@@ -1,6 +1,8 @@
 //! Services: Feathers method semantics (find, get, create, update, patch, remove) over the
 //! store, independent of any transport. REST, `/ws` and tests all call [`Services::call`].
 
+pub mod access;
+mod definition;
 pub mod query;
 
 use std::collections::HashMap;
@@ -9,10 +11,16 @@ use std::sync::Arc;
 use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 
-use crate::config::{Config, Multi};
-use crate::error::{Error, Result};
+use std::net::IpAddr;
+
+pub use definition::{Service, ServiceExtensions, Stamp};
+
+use crate::auth::{AuthSetupError, Authenticated, Authenticator, Principal, password};
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
 use crate::store::{CaptureError, CatalogError, KeyKind, Store, Table, Target, WriteMode, install_capture};
-use query::Query;
+use access::Grant;
+use query::{CompareOp, Condition, Query};
 
 /// The Feathers service methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +56,8 @@ pub struct ServiceCall {
     pub id: Option<Value>,
     pub data: Option<Value>,
     pub query: Value,
+    /// `params.user`: who is calling, if anyone.
+    pub caller: Option<Arc<Principal>>,
 }
 
 /// Why the services could not be set up at start-up.
@@ -57,60 +67,77 @@ pub enum SetupError {
     Catalog(#[from] CatalogError),
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Auth(#[from] AuthSetupError),
+    #[error("{0}")]
+    Config(String),
+    #[error("authentication needs a JWT secret: set QUILL_JWT_SECRET or authentication.jwt_secret")]
+    NoSecret,
 }
 
-/// One configured service.
-#[derive(Debug)]
-pub struct Service {
-    pub name: Arc<str>,
-    pub table: Table,
-    multi: Multi,
-    paginate: Option<(u32, u32)>,
-    hidden: Vec<String>,
-}
-
-impl Service {
-    /// Removes hidden fields. Every row that leaves quill, in a response or an event,
-    /// passes through here.
-    pub fn strip(&self, row: &mut Value) {
-        if let Value::Object(fields) = row {
-            for name in &self.hidden {
-                fields.remove(name);
-            }
-        }
-    }
-}
-
-/// All services, by name and by table.
+/// All services, by name and by table, and the authenticator.
 pub struct Services {
     store: Store,
     by_name: HashMap<String, Arc<Service>>,
     by_table: HashMap<(String, String), Vec<Arc<Service>>>,
+    auth: Option<Authenticator>,
 }
 
 impl Services {
-    /// Reads every configured table from the catalog and installs capture on it.
-    pub async fn build(pool: PgPool, config: &Config) -> Result<Services, SetupError> {
+    /// Reads every configured table from the catalog, checks the config against it and
+    /// installs capture.
+    pub async fn build(
+        pool: PgPool,
+        config: &Config,
+        mut extensions: HashMap<String, ServiceExtensions>,
+    ) -> Result<Services, SetupError> {
+        let auth_config = config.authentication.as_ref();
+        if let Some(auth) = auth_config
+            && !config.services.contains_key(&auth.service)
+        {
+            return Err(AuthSetupError::NoService(auth.service.clone()).into());
+        }
         let mut by_name = HashMap::new();
         let mut by_table: HashMap<(String, String), Vec<Arc<Service>>> = HashMap::new();
         for (name, sc) in &config.services {
             let (schema, table_name) = sc.table_name(name);
             let table = Table::load(&pool, name, &schema, &table_name, &sc.id, &sc.hidden).await?;
-            install_capture(&pool, &table).await?;
-            let service = Arc::new(Service {
-                name: Arc::from(name.as_str()),
-                table,
-                multi: sc.multi.clone(),
-                paginate: sc.paginate.sizes(),
-                hidden: sc.hidden.clone(),
-            });
+            let password_field = auth_config
+                .filter(|a| &a.service == name)
+                .map(|a| a.password_field.clone());
+            let ext = extensions.remove(name).unwrap_or_default();
+            let service = Service::build(name, sc, table, password_field, ext).map_err(SetupError::Config)?;
+            install_capture(&pool, &service.table).await?;
+            let service = Arc::new(service);
             by_table.entry((schema, table_name)).or_default().push(service.clone());
             by_name.insert(name.clone(), service);
         }
+        if let Some(unknown) = extensions.keys().next() {
+            return Err(SetupError::Config(format!(
+                "extensions name service '{unknown}', which is not configured"
+            )));
+        }
+        let store = Store::new(pool);
+        let auth = match auth_config {
+            None => None,
+            Some(auth) => {
+                let secret = auth
+                    .jwt_secret
+                    .as_deref()
+                    .filter(|s| !s.is_empty())
+                    .ok_or(SetupError::NoSecret)?;
+                let entity = by_name
+                    .get(&auth.service)
+                    .cloned()
+                    .ok_or_else(|| AuthSetupError::NoService(auth.service.clone()))?;
+                Some(Authenticator::new(auth, secret, entity, store.clone())?)
+            }
+        };
         Ok(Services {
-            store: Store::new(pool),
+            store,
             by_name,
             by_table,
+            auth,
         })
     }
 
@@ -120,6 +147,30 @@ impl Services {
 
     pub fn get(&self, name: &str) -> Option<&Arc<Service>> {
         self.by_name.get(name)
+    }
+
+    /// The authenticator, if authentication is configured.
+    pub fn auth(&self) -> Option<&Authenticator> {
+        self.auth.as_ref()
+    }
+
+    /// `create` on `authentication`.
+    pub async fn authenticate(&self, data: &Value, address: Option<IpAddr>) -> Result<Authenticated> {
+        match &self.auth {
+            Some(auth) => auth.login(data, address).await,
+            None => Err(Error::not_found("Service 'authentication' not found")),
+        }
+    }
+
+    /// The caller a bearer token stands for.
+    pub async fn principal(&self, token: &str) -> Result<Principal> {
+        match &self.auth {
+            Some(auth) => auth.principal(token).await,
+            None => Err(Error::new(
+                ErrorKind::NotAuthenticated,
+                "authentication is not configured",
+            )),
+        }
     }
 
     /// The services that serve a table (usually one).
@@ -134,36 +185,78 @@ impl Services {
         self.by_name.keys().map(String::as_str)
     }
 
-    /// Runs one method call.
+    /// Runs one method call: access rules, then Feathers semantics, then what the caller
+    /// may see of the result.
     pub async fn call(&self, call: ServiceCall) -> Result<Value> {
         let service = self
             .by_name
             .get(&call.service)
             .ok_or_else(|| Error::not_found(format!("Service '{}' not found", call.service)))?;
+        let caller = call.caller.as_deref();
+        let grant = service.access(call.method).check(caller)?;
         let table = &service.table;
-        let query = Query::parse(&call.query, table)?;
+        let mut query = Query::parse(&call.query, table)?;
+        service.check_queryable(&query)?;
+        if let (Grant::Own(columns), Some(caller)) = (&grant, caller) {
+            query.filter.push(owner_condition(columns, &caller.id));
+        }
         let id = match call.id {
             None | Some(Value::Null) => None,
             Some(id) => Some(id_text(&id, table)?),
         };
-        let mut result = match call.method {
-            Method::Find => self.find(service, &query).await?,
+        let outcome = self
+            .run(service, call.method, &query, id.as_deref(), call.data, caller, &grant)
+            .await;
+        let mut result = match (outcome, &grant, &id) {
+            // A row that exists but is not the caller's: forbidden, not missing.
+            (Err(e), Grant::Own(_), Some(id)) if e.kind == ErrorKind::NotFound => {
+                let exists = !self
+                    .store
+                    .select(table, &Query::default(), Some(id), None)
+                    .await?
+                    .is_empty();
+                return Err(if exists {
+                    Error::new(ErrorKind::Forbidden, "You are not allowed to do this")
+                } else {
+                    e
+                });
+            }
+            (outcome, _, _) => outcome?,
+        };
+        present(service, &mut result, query.select.as_deref(), caller);
+        Ok(result)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run(
+        &self,
+        service: &Service,
+        method: Method,
+        query: &Query,
+        id: Option<&str>,
+        data: Option<Value>,
+        caller: Option<&Principal>,
+        grant: &Grant,
+    ) -> Result<Value> {
+        let table = &service.table;
+        Ok(match method {
+            Method::Find => self.find(service, query).await?,
             Method::Get => {
                 let id = id.ok_or_else(|| Error::bad_request("get needs an id"))?;
-                self.get_one(service, &query, &id).await?
+                self.get_one(service, query, id).await?
             }
-            Method::Create => self.create(service, call.data).await?,
+            Method::Create => self.create(service, data, caller, grant).await?,
             Method::Update => {
                 let id = id.ok_or_else(|| {
                     Error::bad_request("You can not replace multiple instances. Did you mean 'patch'?")
                 })?;
-                let data = write_data(service, call.data, "update")?;
-                self.write_one(service, &query, &id, &data, WriteMode::Replace).await?
+                let data = write_data(service, data, method, caller).await?;
+                self.write_one(service, query, id, &data, WriteMode::Replace).await?
             }
             Method::Patch => {
-                let data = write_data(service, call.data, "patch")?;
+                let data = write_data(service, data, method, caller).await?;
                 match id {
-                    Some(id) => self.write_one(service, &query, &id, &data, WriteMode::Patch).await?,
+                    Some(id) => self.write_one(service, query, id, &data, WriteMode::Patch).await?,
                     None => {
                         if !service.multi.allows("patch") {
                             return Err(Error::method_not_allowed("Can not patch multiple entries"));
@@ -173,7 +266,7 @@ impl Services {
                             filter: &query.filter,
                         };
                         if data.is_empty() {
-                            Value::Array(self.store.select(table, &query, None, None).await?)
+                            Value::Array(self.store.select(table, query, None, None).await?)
                         } else {
                             Value::Array(self.store.update(table, target, &data, WriteMode::Patch).await?)
                         }
@@ -183,11 +276,11 @@ impl Services {
             Method::Remove => match id {
                 Some(id) => {
                     let target = Target {
-                        id: Some(&id),
+                        id: Some(id),
                         filter: &query.filter,
                     };
                     let mut rows = self.store.delete(table, target).await?;
-                    rows.pop().ok_or_else(|| no_record(&id))?
+                    rows.pop().ok_or_else(|| no_record(id))?
                 }
                 None => {
                     if !service.multi.allows("remove") {
@@ -200,9 +293,7 @@ impl Services {
                     Value::Array(self.store.delete(table, target).await?)
                 }
             },
-        };
-        present(service, &mut result, query.select.as_deref());
-        Ok(result)
+        })
     }
 
     async fn find(&self, service: &Service, query: &Query) -> Result<Value> {
@@ -227,13 +318,15 @@ impl Services {
         rows.pop().ok_or_else(|| no_record(id))
     }
 
-    async fn create(&self, service: &Service, data: Option<Value>) -> Result<Value> {
-        match data {
-            Some(Value::Object(row)) => {
-                check_columns(service, &row, false)?;
-                let mut rows = self.store.insert(&service.table, &[row]).await?;
-                rows.pop().ok_or_else(|| Error::general("insert returned no row"))
-            }
+    async fn create(
+        &self,
+        service: &Service,
+        data: Option<Value>,
+        caller: Option<&Principal>,
+        grant: &Grant,
+    ) -> Result<Value> {
+        let (items, many) = match data {
+            Some(Value::Object(row)) => (vec![row], false),
             Some(Value::Array(items)) => {
                 if !service.multi.allows("create") {
                     return Err(Error::method_not_allowed("Can not create multiple entries"));
@@ -241,15 +334,35 @@ impl Services {
                 let rows = items
                     .into_iter()
                     .map(|item| match item {
-                        Value::Object(row) => check_columns(service, &row, false).map(|()| row),
+                        Value::Object(row) => Ok(row),
                         _ => Err(Error::bad_request("every item to create must be an object")),
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Ok(Value::Array(self.store.insert(&service.table, &rows).await?))
+                (rows, true)
             }
-            _ => Err(Error::bad_request(
-                "create needs an object or an array of objects as data",
-            )),
+            _ => {
+                return Err(Error::bad_request(
+                    "create needs an object or an array of objects as data",
+                ));
+            }
+        };
+        let mut rows = Vec::with_capacity(items.len());
+        for item in items {
+            let row = prepare_write(service, item, Method::Create, caller).await?;
+            if let (Grant::Own(columns), Some(caller)) = (grant, caller)
+                && !columns
+                    .iter()
+                    .any(|c| row.get(c).is_some_and(|v| access::owns(caller, &json!({c: v}), c)))
+            {
+                return Err(Error::new(ErrorKind::Forbidden, "You may only create rows you own"));
+            }
+            rows.push(row);
+        }
+        let mut created = self.store.insert(&service.table, &rows).await?;
+        if many {
+            Ok(Value::Array(created))
+        } else {
+            created.pop().ok_or_else(|| Error::general("insert returned no row"))
         }
     }
 
@@ -273,14 +386,31 @@ impl Services {
     }
 }
 
-/// Applies `$select` (the id is always kept, as in Feathers) and strips hidden fields.
-fn present(service: &Service, result: &mut Value, select: Option<&[String]>) {
+/// `column = caller id` for any of the owner columns.
+fn owner_condition(columns: &[String], caller_id: &str) -> Condition {
+    Condition::Or(
+        columns
+            .iter()
+            .map(|c| {
+                vec![Condition::Compare {
+                    column: c.clone(),
+                    op: CompareOp::Eq,
+                    value: caller_id.to_owned(),
+                }]
+            })
+            .collect(),
+    )
+}
+
+/// Applies `$select` (the id is always kept, as in Feathers) and removes everything the
+/// caller may not see.
+fn present(service: &Service, result: &mut Value, select: Option<&[String]>, caller: Option<&Principal>) {
     let id = &service.table.id().name;
     let one = |row: &mut Value| {
         if let (Some(select), Value::Object(fields)) = (select, &mut *row) {
             fields.retain(|k, _| k == id || select.iter().any(|s| s == k));
         }
-        service.strip(row);
+        service.strip_for(caller, row);
     };
     match result {
         Value::Array(rows) => rows.iter_mut().for_each(one),
@@ -320,12 +450,61 @@ fn is_uuid(s: &str) -> bool {
 
 /// The data of an update or patch: an object of known, writable columns, without the id
 /// (Feathers never changes a row's id through update or patch).
-fn write_data(service: &Service, data: Option<Value>, method: &str) -> Result<Map<String, Value>> {
+async fn write_data(
+    service: &Service,
+    data: Option<Value>,
+    method: Method,
+    caller: Option<&Principal>,
+) -> Result<Map<String, Value>> {
     let Some(Value::Object(mut row)) = data else {
-        return Err(Error::bad_request(format!("{method} needs an object as data")));
+        let name = if method == Method::Update { "update" } else { "patch" };
+        return Err(Error::bad_request(format!("{name} needs an object as data")));
     };
     row.remove(&service.table.id().name);
-    check_columns(service, &row, true)?;
+    prepare_write(service, row, method, caller).await
+}
+
+/// Checks and completes a row to write: known writable columns, write roles, server
+/// stamps, and the password hashed.
+async fn prepare_write(
+    service: &Service,
+    mut row: Map<String, Value>,
+    method: Method,
+    caller: Option<&Principal>,
+) -> Result<Map<String, Value>> {
+    check_columns(service, &row, method != Method::Create)?;
+    for (column, roles) in &service.write_roles {
+        let allowed = caller.is_some_and(|c| roles.iter().any(|r| c.has_role(r)));
+        if row.contains_key(column) && !allowed {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                format!("'{column}' can only be set by: {}", roles.join(", ")),
+            )
+            .with_field(column, "not allowed"));
+        }
+    }
+    for (column, stamp) in &service.stamps {
+        let value = match (stamp, caller) {
+            (Stamp::UserId, Some(c)) => Some(Value::String(c.id.clone())),
+            (Stamp::UserRole, Some(c)) => c.role.clone().map(Value::String),
+            (_, None) => None,
+        };
+        match (method, value) {
+            (Method::Create | Method::Update, Some(value)) => {
+                row.insert(column.clone(), value);
+            }
+            _ => {
+                row.remove(column);
+            }
+        }
+    }
+    if let Some(field) = &service.password_field
+        && let Some(Value::String(password)) = row.get(field)
+        && !password::is_hash(password)
+    {
+        let hashed = password::hash(password.clone()).await?;
+        row.insert(field.clone(), Value::String(hashed));
+    }
     Ok(row)
 }
 

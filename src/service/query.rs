@@ -80,9 +80,91 @@ impl Query {
         Ok(q)
     }
 
-    /// A query that only filters (the conditions of a multi patch or remove).
-    pub fn only_filter(&self) -> bool {
-        self.sort.is_empty() && self.limit.is_none() && self.skip == 0
+    /// Whether a row (as JSON) meets the filter: for subscription queries, evaluated in
+    /// quill. Numbers compare numerically, everything else as text.
+    pub fn matches(&self, row: &Value) -> bool {
+        all_match(&self.filter, row)
+    }
+
+    /// The columns the query filters or sorts on.
+    pub fn filter_columns(&self) -> impl Iterator<Item = &str> {
+        let mut out = Vec::new();
+        condition_columns(&self.filter, &mut out);
+        out.extend(self.sort.iter().map(|s| s.column.as_str()));
+        out.into_iter()
+    }
+
+    /// Every column the query reads (filter, sort and select).
+    pub fn columns(&self) -> Vec<&str> {
+        self.filter_columns()
+            .chain(self.select.iter().flatten().map(String::as_str))
+            .collect()
+    }
+}
+
+fn condition_columns<'a>(conditions: &'a [Condition], out: &mut Vec<&'a str>) {
+    for c in conditions {
+        match c {
+            Condition::Compare { column, .. } | Condition::IsNull { column, .. } | Condition::In { column, .. } => {
+                out.push(column)
+            }
+            Condition::Or(branches) => branches.iter().for_each(|b| condition_columns(b, out)),
+        }
+    }
+}
+
+fn all_match(conditions: &[Condition], row: &Value) -> bool {
+    conditions.iter().all(|c| condition_matches(c, row))
+}
+
+fn condition_matches(condition: &Condition, row: &Value) -> bool {
+    match condition {
+        Condition::Compare { column, op, value } => {
+            let Some(cell) = row.get(column).filter(|v| !v.is_null()) else {
+                // NULL is only "different from" a value
+                return *op == CompareOp::Ne;
+            };
+            let Some(order) = compare(cell, value) else {
+                return *op == CompareOp::Ne;
+            };
+            match op {
+                CompareOp::Eq => order.is_eq(),
+                CompareOp::Ne => order.is_ne(),
+                CompareOp::Lt => order.is_lt(),
+                CompareOp::Lte => order.is_le(),
+                CompareOp::Gt => order.is_gt(),
+                CompareOp::Gte => order.is_ge(),
+            }
+        }
+        Condition::IsNull { column, negated } => row.get(column).is_none_or(Value::is_null) != *negated,
+        Condition::In {
+            column,
+            negated,
+            values,
+        } => {
+            let Some(cell) = row.get(column).filter(|v| !v.is_null()) else {
+                return false;
+            };
+            let found = values.iter().any(|v| compare(cell, v).is_some_and(|o| o.is_eq()));
+            found != *negated
+        }
+        Condition::Or(branches) => branches.iter().any(|b| all_match(b, row)),
+    }
+}
+
+/// Orders a JSON cell against a query value given as text.
+fn compare(cell: &Value, value: &str) -> Option<std::cmp::Ordering> {
+    match cell {
+        Value::Number(n) => {
+            let wanted: f64 = value.trim().parse().ok()?;
+            n.as_f64()?.partial_cmp(&wanted)
+        }
+        Value::Bool(b) => {
+            let wanted: bool = value.trim().parse().ok()?;
+            Some(b.cmp(&wanted))
+        }
+        Value::String(s) => Some(s.as_str().cmp(value)),
+        _ => None,
     }
 }
 
@@ -317,6 +399,21 @@ mod tests {
             let err = Query::parse(&bad, &table()).expect_err("must be rejected");
             assert_eq!(err.status(), 400, "{bad}");
         }
+    }
+
+    #[test]
+    fn subscription_queries_match_rows_in_memory() {
+        let q = Query::parse(
+            &json!({"age": {"$gte": 18}, "$or": [{"name": "a"}, {"name": {"$in": ["b", "c"]}}]}),
+            &table(),
+        )
+        .expect("valid");
+        assert!(q.matches(&json!({"age": 18, "name": "c"})));
+        assert!(!q.matches(&json!({"age": 17, "name": "a"})));
+        assert!(!q.matches(&json!({"age": 30, "name": "d"})));
+        assert!(!q.matches(&json!({"age": null, "name": "a"})));
+        let ne = Query::parse(&json!({"age": {"$ne": 5}}), &table()).expect("valid");
+        assert!(ne.matches(&json!({"age": null})) && !ne.matches(&json!({"age": 5})));
     }
 
     #[test]

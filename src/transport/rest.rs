@@ -1,20 +1,28 @@
 //! REST, with Feathers' routes and status codes: `GET/POST/PATCH/DELETE /:service` and
-//! `GET/PUT/PATCH/DELETE /:service/:id`. Errors are Feathers error JSON with status = code.
+//! `GET/PUT/PATCH/DELETE /:service/:id`, plus `POST/DELETE /authentication`. Requests
+//! authenticate with `Authorization: Bearer <token>`. Errors are Feathers error JSON with
+//! status = code.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use serde_json::Value;
+use axum::routing::{delete, get, post};
+use serde_json::{Value, json};
 
 use super::{AppState, qs};
-use crate::error::Error;
+use crate::auth::Principal;
+use crate::error::{Error, ErrorKind};
 use crate::service::{Method, ServiceCall};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
+        .route("/authentication", post(login).delete(logout))
+        .route("/authentication/{id}", delete(logout))
         .route(
             "/{service}",
             get(find).post(create).patch(patch_many).delete(remove_many),
@@ -29,64 +37,140 @@ pub(super) async fn not_found() -> Response {
     error_response(&Error::not_found("Page not found"))
 }
 
-async fn find(State(s): State<AppState>, Path(service): Path<String>, RawQuery(q): RawQuery) -> Response {
-    run(&s, service, Method::Find, None, None, q).await
+/// The request's parts every method needs.
+struct Request {
+    headers: HeaderMap,
+    query: Option<String>,
+}
+
+async fn find(
+    State(s): State<AppState>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    run(&s, service, Method::Find, None, None, Request { headers, query }).await
 }
 
 async fn get_one(
     State(s): State<AppState>,
     Path((service, id)): Path<(String, String)>,
-    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
 ) -> Response {
-    run(&s, service, Method::Get, Some(id), None, q).await
+    run(&s, service, Method::Get, Some(id), None, Request { headers, query }).await
 }
 
 async fn create(
     State(s): State<AppState>,
     Path(service): Path<String>,
-    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    run(&s, service, Method::Create, None, Some(body), q).await
+    run(
+        &s,
+        service,
+        Method::Create,
+        None,
+        Some(body),
+        Request { headers, query },
+    )
+    .await
 }
 
 async fn update(
     State(s): State<AppState>,
     Path((service, id)): Path<(String, String)>,
-    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    run(&s, service, Method::Update, Some(id), Some(body), q).await
+    run(
+        &s,
+        service,
+        Method::Update,
+        Some(id),
+        Some(body),
+        Request { headers, query },
+    )
+    .await
 }
 
 async fn patch_one(
     State(s): State<AppState>,
     Path((service, id)): Path<(String, String)>,
-    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    run(&s, service, Method::Patch, Some(id), Some(body), q).await
+    run(
+        &s,
+        service,
+        Method::Patch,
+        Some(id),
+        Some(body),
+        Request { headers, query },
+    )
+    .await
 }
 
 async fn patch_many(
     State(s): State<AppState>,
     Path(service): Path<String>,
-    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    run(&s, service, Method::Patch, None, Some(body), q).await
+    run(&s, service, Method::Patch, None, Some(body), Request { headers, query }).await
 }
 
 async fn remove_one(
     State(s): State<AppState>,
     Path((service, id)): Path<(String, String)>,
-    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
 ) -> Response {
-    run(&s, service, Method::Remove, Some(id), None, q).await
+    run(&s, service, Method::Remove, Some(id), None, Request { headers, query }).await
 }
 
-async fn remove_many(State(s): State<AppState>, Path(service): Path<String>, RawQuery(q): RawQuery) -> Response {
-    run(&s, service, Method::Remove, None, None, q).await
+async fn remove_many(
+    State(s): State<AppState>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    run(&s, service, Method::Remove, None, None, Request { headers, query }).await
+}
+
+/// `POST /authentication`: local or jwt strategy; answers 201 with the token.
+async fn login(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, body: Bytes) -> Response {
+    let data = match parse_body(Some(body)) {
+        Ok(Some(data)) => data,
+        Ok(None) => return error_response(&Error::bad_request("authentication needs a JSON body")),
+        Err(e) => return error_response(&e),
+    };
+    match s.services.authenticate(&data, Some(peer.ip())).await {
+        Ok(auth) => (StatusCode::CREATED, axum::Json(auth.result)).into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `DELETE /authentication`: REST is stateless, so this only confirms the token, as
+/// Feathers answers a logout with the authentication it ends.
+async fn logout(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(token) = bearer(&headers) else {
+        return error_response(&Error::new(ErrorKind::NotAuthenticated, "Not authenticated"));
+    };
+    match s.services.principal(token).await {
+        Ok(principal) => axum::Json(json!({
+            "accessToken": token,
+            "authentication": { "strategy": "jwt", "accessToken": token },
+            "user": principal.user,
+        }))
+        .into_response(),
+        Err(e) => error_response(&e),
+    }
 }
 
 async fn run(
@@ -95,13 +179,31 @@ async fn run(
     method: Method,
     id: Option<String>,
     body: Option<Bytes>,
-    raw_query: Option<String>,
+    request: Request,
 ) -> Response {
-    let call = match decode(service, method, id, body, raw_query) {
-        Ok(call) => call,
-        Err(e) => return error_response(&e),
+    let call = async {
+        let caller = caller(state, &request.headers).await?;
+        let query = match request.query.as_deref() {
+            Some(q) if !q.is_empty() => qs::decode(q)?,
+            _ => Value::Null,
+        };
+        let data = match body {
+            Some(body) => Some(parse_body(Some(body))?.unwrap_or_else(|| Value::Object(Default::default()))),
+            None => None,
+        };
+        state
+            .services
+            .call(ServiceCall {
+                service,
+                method,
+                id: id.map(Value::String),
+                data,
+                query,
+                caller,
+            })
+            .await
     };
-    match state.services.call(call).await {
+    match call.await {
         Ok(result) => {
             let status = if method == Method::Create {
                 StatusCode::CREATED
@@ -114,31 +216,29 @@ async fn run(
     }
 }
 
-fn decode(
-    service: String,
-    method: Method,
-    id: Option<String>,
-    body: Option<Bytes>,
-    raw_query: Option<String>,
-) -> Result<ServiceCall, Error> {
-    let query = match raw_query.as_deref() {
-        Some(q) if !q.is_empty() => qs::decode(q)?,
-        _ => Value::Null,
-    };
-    let data = match body {
-        Some(bytes) if !bytes.iter().all(u8::is_ascii_whitespace) => {
-            Some(serde_json::from_slice(&bytes).map_err(|e| Error::bad_request(format!("invalid JSON body: {e}")))?)
-        }
-        Some(_) => Some(Value::Object(Default::default())),
-        None => None,
-    };
-    Ok(ServiceCall {
-        service,
-        method,
-        id: id.map(Value::String),
-        data,
-        query,
-    })
+/// The caller named by `Authorization: Bearer`; a token that does not check out is a 401,
+/// never silently anonymous.
+async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Option<Arc<Principal>>, Error> {
+    match bearer(headers) {
+        None => Ok(None),
+        Some(token) => Ok(Some(Arc::new(state.services.principal(token).await?))),
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
+}
+
+/// The JSON body, `None` when empty.
+fn parse_body(body: Option<Bytes>) -> Result<Option<Value>, Error> {
+    match body {
+        Some(bytes) if !bytes.iter().all(u8::is_ascii_whitespace) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::bad_request(format!("invalid JSON body: {e}"))),
+        _ => Ok(None),
+    }
 }
 
 pub(super) fn error_response(error: &Error) -> Response {

@@ -21,6 +21,21 @@ pub use ws::Ws;
 /// Every wait in the tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// The JWT secret of test instances.
+pub const TEST_SECRET: &str = "test secret: 32 bytes or more, never used in production";
+
+/// The demo with every method public and events published to everyone.
+pub fn open_demo() -> Config {
+    let mut config = Config::demo();
+    for service in config.services.values_mut() {
+        service.access = Some(quill::config::Access::All(quill::config::Rules::One("public".into())));
+        service.publish = Some(vec!["anonymous".into(), "authenticated".into()]);
+        service.stamp.clear();
+        service.write_roles.clear();
+    }
+    config
+}
+
 /// A running quill over its own database.
 pub struct Quill {
     pub addr: SocketAddr,
@@ -31,8 +46,14 @@ pub struct Quill {
 }
 
 impl Quill {
-    /// The demo services on a fresh database.
+    /// The demo services, opened up (no login needed, events to everyone), on a fresh
+    /// database: for tests of everything but access control.
     pub async fn start() -> Quill {
+        Self::start_with(open_demo()).await
+    }
+
+    /// The demo exactly as shipped: access rules, channels, stamps.
+    pub async fn start_secure() -> Quill {
         Self::start_with(Config::demo()).await
     }
 
@@ -45,6 +66,9 @@ impl Quill {
     pub async fn start_on(db: pg::TestDb, mut config: Config) -> Quill {
         config.pool_size = 4;
         config.poll_interval_ms = 500;
+        if let Some(auth) = &mut config.authentication {
+            auth.jwt_secret.get_or_insert_with(|| TEST_SECRET.to_owned());
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();

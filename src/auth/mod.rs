@@ -1,0 +1,256 @@
+//! Authentication: local strategy (argon2id passwords), JWTs (quill's own and, optionally,
+//! an external issuer's), login rate limits, and the [`Principal`] every call carries.
+//!
+//! Feathers-shaped: `create` on `authentication` with `{strategy: "local", email, password}`
+//! or `{strategy: "jwt", accessToken}` answers `{accessToken, authentication, user}`.
+
+mod jwt;
+mod limit;
+pub mod password;
+mod principal;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+pub use jwt::{Claims, JwtError, generate_secret};
+pub use principal::Principal;
+
+use crate::config::AuthConfig;
+use crate::error::{Error, ErrorKind, Result};
+use crate::service::Service;
+use crate::service::query::{CompareOp, Condition, Query};
+use crate::store::Store;
+use jwt::{ExternalTokens, Tokens};
+use limit::LoginLimiter;
+
+/// Why authentication could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    #[error("authentication: service '{0}' is not configured")]
+    NoService(String),
+    #[error("authentication: the users table has no column '{0}'")]
+    NoColumn(String),
+    #[error(transparent)]
+    External(#[from] JwtError),
+}
+
+/// A successful login: the Feathers result and the caller it established.
+pub struct Authenticated {
+    pub result: Value,
+    pub principal: Principal,
+}
+
+/// Logs users in and turns tokens into principals.
+pub struct Authenticator {
+    entity: Arc<Service>,
+    store: Store,
+    username_field: String,
+    password_field: String,
+    role_field: Option<String>,
+    tokens: Tokens,
+    external: Option<ExternalTokens>,
+    limiter: LoginLimiter,
+}
+
+fn invalid_login() -> Error {
+    Error::new(ErrorKind::NotAuthenticated, "Invalid login")
+}
+
+fn not_authenticated(message: &str) -> Error {
+    Error::new(ErrorKind::NotAuthenticated, message)
+}
+
+impl Authenticator {
+    pub fn new(config: &AuthConfig, secret: &str, entity: Arc<Service>, store: Store) -> Result<Self, AuthSetupError> {
+        for column in [
+            Some(&config.username_field),
+            Some(&config.password_field),
+            config.role_field.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if entity.table.column(column).is_none() {
+                return Err(AuthSetupError::NoColumn(column.clone()));
+            }
+        }
+        Ok(Self {
+            tokens: Tokens::new(secret.as_bytes(), config),
+            external: config.external.as_ref().map(ExternalTokens::new).transpose()?,
+            limiter: LoginLimiter::new(config.rate_limit),
+            username_field: config.username_field.clone(),
+            password_field: config.password_field.clone(),
+            role_field: config.role_field.clone(),
+            entity,
+            store,
+        })
+    }
+
+    /// The users service.
+    pub fn entity(&self) -> &Arc<Service> {
+        &self.entity
+    }
+
+    pub fn password_field(&self) -> &str {
+        &self.password_field
+    }
+
+    /// `create` on `authentication`.
+    pub async fn login(&self, data: &Value, address: Option<IpAddr>) -> Result<Authenticated> {
+        match data.get("strategy").and_then(Value::as_str) {
+            Some("local") => self.local(data, address).await,
+            Some("jwt") => {
+                let token = data
+                    .get("accessToken")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| not_authenticated("No access token"))?;
+                let principal = self.principal(token).await?;
+                let payload = self.tokens.verify(token).map(|c| json!(c)).unwrap_or(Value::Null);
+                Ok(Authenticated {
+                    result: json!({
+                        "accessToken": token,
+                        "authentication": { "strategy": "jwt", "accessToken": token, "payload": payload },
+                        "user": principal.user,
+                    }),
+                    principal,
+                })
+            }
+            Some(other) => Err(not_authenticated(&format!("Invalid authentication strategy '{other}'"))),
+            None => Err(not_authenticated(
+                "Invalid authentication information (no `strategy` set)",
+            )),
+        }
+    }
+
+    async fn local(&self, data: &Value, address: Option<IpAddr>) -> Result<Authenticated> {
+        let username = data
+            .get(&self.username_field)
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let password = data
+            .get(&self.password_field)
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if !self.limiter.attempt(address, username) {
+            return Err(Error::new(
+                ErrorKind::TooManyRequests,
+                "Too many login attempts, try again later",
+            ));
+        }
+        if username.is_empty() || password.is_empty() {
+            return Err(invalid_login());
+        }
+        let query = Query {
+            filter: vec![Condition::Compare {
+                column: self.username_field.clone(),
+                op: CompareOp::Eq,
+                value: username.to_owned(),
+            }],
+            ..Query::default()
+        };
+        let row = self
+            .store
+            .select(&self.entity.table, &query, None, Some(1))
+            .await?
+            .pop();
+        let stored = row
+            .as_ref()
+            .and_then(|r| r.get(&self.password_field))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        // Unknown user and wrong password cost the same and answer the same.
+        let verified = password::verify(password.to_owned(), stored).await;
+        let (true, Some(row)) = (verified, row) else {
+            return Err(invalid_login());
+        };
+        let id = id_text(&row, &self.entity.table.id().name).ok_or_else(invalid_login)?;
+        let (token, claims) = self
+            .tokens
+            .issue(&id)
+            .map_err(|_| Error::general("cannot issue a token"))?;
+        let principal = self
+            .principal_from_row(&row, Some(claims.exp))
+            .ok_or_else(invalid_login)?;
+        Ok(Authenticated {
+            result: json!({
+                "accessToken": token,
+                "authentication": { "strategy": "local", "accessToken": token, "payload": claims },
+                "user": principal.user,
+            }),
+            principal,
+        })
+    }
+
+    /// The caller a token stands for. quill's tokens name a user who must still exist;
+    /// external tokens carry their user in their claims.
+    pub async fn principal(&self, token: &str) -> Result<Principal> {
+        match self.tokens.verify(token) {
+            Ok(claims) => {
+                let mut rows = self
+                    .store
+                    .select(&self.entity.table, &Query::default(), Some(&claims.sub), None)
+                    .await
+                    .map_err(|e| {
+                        if e.status() >= 500 {
+                            e
+                        } else {
+                            not_authenticated("User not found")
+                        }
+                    })?;
+                let row = rows.pop().ok_or_else(|| not_authenticated("User not found"))?;
+                self.principal_from_row(&row, Some(claims.exp))
+                    .ok_or_else(|| not_authenticated("User not found"))
+            }
+            Err(JwtError::Expired) => Err(not_authenticated("Token expired")),
+            Err(own) => match &self.external {
+                Some(external) => match external.verify(token) {
+                    Ok(user) => Ok(Principal {
+                        id: user.id,
+                        role: user.role,
+                        user: Value::Object(user.claims),
+                        expires_at: user.expires_at,
+                    }),
+                    Err(JwtError::Expired) => Err(not_authenticated("Token expired")),
+                    Err(_) => Err(not_authenticated("Invalid token")),
+                },
+                None => {
+                    tracing::debug!(error = %own, "token rejected");
+                    Err(not_authenticated("Invalid token"))
+                }
+            },
+        }
+    }
+
+    /// The principal a users row makes (also used when a user's row changes).
+    pub fn principal_from_row(&self, row: &Value, expires_at: Option<u64>) -> Option<Principal> {
+        let id = id_text(row, &self.entity.table.id().name)?;
+        let role = self
+            .role_field
+            .as_ref()
+            .and_then(|f| row.get(f))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let mut user = row.clone();
+        self.entity.strip(&mut user);
+        if let Value::Object(fields) = &mut user {
+            fields.remove(&self.password_field);
+        }
+        Some(Principal {
+            id,
+            role,
+            user,
+            expires_at,
+        })
+    }
+}
+
+/// A row's id as text.
+pub fn id_text(row: &Value, id_column: &str) -> Option<String> {
+    match row.get(id_column)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}

@@ -1,0 +1,169 @@
+//! Who receives an event and what they see, in the spirit of Feathers' `service.publish`
+//! and `channel.filter((data, connection) => …)`.
+//!
+//! A service's [`Policy`] names the channels an event goes to ([`Publisher`]), lets custom
+//! [`EventFilter`]s veto single connections, and hides fields per reader ([`Visibility`]).
+//! The config rules are one `Publisher` among others: Rust code embedding quill can
+//! register its own (see `gateway::Extensions`).
+
+mod template;
+mod visibility;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+pub use template::TemplatePublisher;
+pub use visibility::Visibility;
+
+use crate::auth::Principal;
+use crate::event::ServiceEvent;
+use crate::hub::RenderedEvent;
+
+/// Everyone connected.
+pub const ANONYMOUS: &str = "anonymous";
+/// Every logged-in connection.
+pub const AUTHENTICATED: &str = "authenticated";
+
+/// The channel of one user's connections.
+pub fn user_channel(id: &str) -> String {
+    format!("users/{id}")
+}
+
+/// The channel of every connection whose user has this role.
+pub fn role_channel(role: &str) -> String {
+    format!("roles/{role}")
+}
+
+/// Names the channels an event is published to (Feathers' `service.publish`).
+pub trait Publisher: Send + Sync {
+    fn channels(&self, event: &ServiceEvent) -> Vec<String>;
+}
+
+impl<F> Publisher for F
+where
+    F: Fn(&ServiceEvent) -> Vec<String> + Send + Sync,
+{
+    fn channels(&self, event: &ServiceEvent) -> Vec<String> {
+        self(event)
+    }
+}
+
+/// Decides per connection whether it gets an event it would otherwise receive
+/// (Feathers' `channel.filter((data, connection) => …)`). `user` is `connection.user`.
+pub trait EventFilter: Send + Sync {
+    fn allows(&self, event: &ServiceEvent, user: Option<&Principal>) -> bool;
+}
+
+impl<F> EventFilter for F
+where
+    F: Fn(&ServiceEvent, Option<&Principal>) -> bool + Send + Sync,
+{
+    fn allows(&self, event: &ServiceEvent, user: Option<&Principal>) -> bool {
+        self(event, user)
+    }
+}
+
+/// How one service's events reach connections.
+#[derive(Clone)]
+pub struct Policy {
+    pub publisher: Arc<dyn Publisher>,
+    pub filters: Vec<Arc<dyn EventFilter>>,
+    pub visibility: Visibility,
+}
+
+impl Policy {
+    /// Computes the channels once; the result is shared by every receiver.
+    pub fn prepare<'a>(&'a self, event: &'a ServiceEvent) -> Prepared<'a> {
+        Prepared {
+            channels: self.publisher.channels(event),
+            policy: self,
+            event,
+            frames: Vec::new(),
+        }
+    }
+}
+
+/// An event on its way out: its channels and its rendered views.
+pub struct Prepared<'a> {
+    pub channels: Vec<String>,
+    pub event: &'a ServiceEvent,
+    policy: &'a Policy,
+    /// One rendering per distinct view, built on first use.
+    frames: Vec<(u64, Arc<RenderedEvent>)>,
+}
+
+impl Prepared<'_> {
+    /// The view this connection gets, or `None` if a filter withholds the event.
+    pub fn view_for(&self, user: Option<&Principal>) -> Option<u64> {
+        if self.policy.filters.iter().all(|f| f.allows(self.event, user)) {
+            Some(self.policy.visibility.view(user, &self.event.data))
+        } else {
+            None
+        }
+    }
+
+    /// The event rendered for a view: serialized once per distinct view, shared by all.
+    pub fn frame(&mut self, view: u64) -> Arc<RenderedEvent> {
+        if let Some((_, frame)) = self.frames.iter().find(|(v, _)| *v == view) {
+            return frame.clone();
+        }
+        let frame = if self.policy.visibility.is_full(view) {
+            render(self.event, &self.event.data)
+        } else {
+            let mut data = self.event.data.clone();
+            self.policy.visibility.apply(&mut data, view);
+            render(self.event, &data)
+        };
+        self.frames.push((view, frame.clone()));
+        frame
+    }
+}
+
+/// Serializes the data once and builds the `/ws` frame around those bytes.
+fn render(event: &ServiceEvent, data: &Value) -> Arc<RenderedEvent> {
+    // Serializing a Value into a Vec cannot fail.
+    let data = serde_json::to_vec(data).unwrap_or_default();
+    let mut ws = Vec::with_capacity(data.len() + event.service.len() + 64);
+    ws.extend_from_slice(b"{\"event\":\"");
+    ws.extend_from_slice(event.kind.as_str().as_bytes());
+    ws.extend_from_slice(b"\",\"service\":");
+    // Service names are letters, digits, '_' and '-': no escaping needed, but stay exact.
+    ws.extend_from_slice(&serde_json::to_vec(&*event.service).unwrap_or_default());
+    ws.extend_from_slice(b",\"data\":");
+    ws.extend_from_slice(&data);
+    ws.extend_from_slice(b",\"seq\":");
+    ws.extend_from_slice(event.position.seq.to_string().as_bytes());
+    ws.push(b'}');
+    Arc::new(RenderedEvent {
+        service: event.service.clone(),
+        kind: event.kind,
+        seq: event.position.seq,
+        data: Bytes::from(data),
+        ws: Bytes::from(ws),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventKind, Position};
+    use serde_json::json;
+
+    #[test]
+    fn the_ws_frame_is_the_event_as_json() {
+        let event = ServiceEvent {
+            service: Arc::from("messages"),
+            kind: EventKind::Patched,
+            data: json!({"id": 1, "text": "a \"quote\""}),
+            position: Position { tick: 3, seq: 42 },
+        };
+        let frame = render(&event, &event.data);
+        let parsed: Value = serde_json::from_slice(&frame.ws).expect("valid JSON");
+        assert_eq!(
+            parsed,
+            json!({"event": "patched", "service": "messages", "data": event.data, "seq": 42})
+        );
+    }
+}

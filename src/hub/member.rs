@@ -1,0 +1,172 @@
+//! One connection as the hub sees it: its queue, its user, its channels, its subscriptions.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Principal;
+use crate::event::{EventKind, Position};
+use crate::service::query::Query;
+
+/// Identifies one live connection.
+pub type ConnId = u64;
+
+/// An event rendered for one view, shared by every connection with that view.
+#[derive(Debug)]
+pub struct RenderedEvent {
+    pub service: Arc<str>,
+    pub kind: EventKind,
+    pub seq: i64,
+    /// The row as JSON.
+    pub data: Bytes,
+    /// The whole `/ws` frame.
+    pub ws: Bytes,
+}
+
+/// What a connection's queue carries; each transport encodes it its own way.
+#[derive(Debug, Clone)]
+pub enum Frame {
+    /// A finished `/ws` text frame (a reply).
+    Text(Bytes),
+    Event(Arc<RenderedEvent>),
+    /// The connection's user was logged out by the server (removed, token expired).
+    Logout {
+        reason: &'static str,
+    },
+}
+
+/// The event kinds a subscription wants, as a bit set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindSet(u8);
+
+impl KindSet {
+    pub const ALL: KindSet = KindSet(0b1111);
+
+    pub fn of(kinds: &[EventKind]) -> KindSet {
+        KindSet(kinds.iter().fold(0, |acc, k| acc | Self::bit(*k)))
+    }
+
+    fn bit(kind: EventKind) -> u8 {
+        match kind {
+            EventKind::Created => 1,
+            EventKind::Updated => 2,
+            EventKind::Patched => 4,
+            EventKind::Removed => 8,
+        }
+    }
+
+    pub fn contains(self, kind: EventKind) -> bool {
+        self.0 & Self::bit(kind) != 0
+    }
+}
+
+/// One connection's subscription to one service.
+pub struct Subscription {
+    pub kinds: KindSet,
+    /// Only rows matching this query (same operators as `find`).
+    pub query: Option<Arc<Query>>,
+    pub(super) resume: Option<Mutex<Resume>>,
+}
+
+impl Subscription {
+    pub fn new(kinds: KindSet, query: Option<Arc<Query>>) -> Self {
+        Self {
+            kinds,
+            query,
+            resume: None,
+        }
+    }
+
+    pub fn wants(&self, kind: EventKind, row: &serde_json::Value) -> bool {
+        self.kinds.contains(kind) && self.query.as_ref().is_none_or(|q| q.matches(row))
+    }
+}
+
+/// A resumed subscription: events up to `skip_through` come from the replay, and live events
+/// are held back in `held` until the replay has been sent.
+pub(super) struct Resume {
+    pub(super) skip_through: Position,
+    pub(super) held: Option<Vec<Frame>>,
+}
+
+/// Why and when a connection was cut off by the hub.
+#[derive(Clone, Default)]
+pub struct Kick {
+    pub(super) token: CancellationToken,
+    reason: Arc<Mutex<Option<&'static str>>>,
+}
+
+impl Kick {
+    pub(super) fn fire(&self, reason: &'static str) {
+        if let Ok(mut slot) = self.reason.lock() {
+            slot.get_or_insert(reason);
+        }
+        self.token.cancel();
+    }
+
+    /// Resolves when the connection must close; gives the reason.
+    pub async fn fired(&self) -> &'static str {
+        self.token.cancelled().await;
+        self.reason
+            .lock()
+            .ok()
+            .and_then(|r| *r)
+            .unwrap_or("closed by the server")
+    }
+}
+
+pub(super) struct Member {
+    pub(super) tx: mpsc::Sender<Frame>,
+    pub(super) kick: Kick,
+    pub(super) capacity: usize,
+    /// Frames that did not fit in the queue during the current page, in order. Drained by
+    /// `Hub::flush` before the next page, so it never holds more than one page.
+    pub(super) overflow: Mutex<VecDeque<Frame>>,
+    pub(super) principal: Option<Arc<Principal>>,
+    pub(super) channels: HashSet<Arc<str>>,
+    pub(super) subscriptions: HashMap<Arc<str>, Subscription>,
+    /// Subscribed to every service (socket.io connections, as in Feathers).
+    pub(super) all_services: Option<Subscription>,
+}
+
+impl Member {
+    pub(super) fn new(tx: mpsc::Sender<Frame>, kick: Kick, capacity: usize) -> Self {
+        Self {
+            tx,
+            kick,
+            capacity,
+            overflow: Mutex::new(VecDeque::new()),
+            principal: None,
+            channels: HashSet::new(),
+            subscriptions: HashMap::new(),
+            all_services: None,
+        }
+    }
+
+    pub(super) fn subscription(&self, service: &str) -> Option<&Subscription> {
+        self.subscriptions.get(service).or(self.all_services.as_ref())
+    }
+
+    /// Queues a frame, or parks it in the overflow (behind any frame already parked, so the
+    /// order holds). Returns false when the connection is gone.
+    pub(super) fn offer(&self, frame: Frame) -> bool {
+        let Ok(mut overflow) = self.overflow.lock() else {
+            return false;
+        };
+        if !overflow.is_empty() {
+            overflow.push_back(frame);
+            return true;
+        }
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                overflow.push_back(frame);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}

@@ -1,0 +1,197 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::channel::{Policy, TemplatePublisher, Visibility};
+use crate::event::{EventKind, ServiceEvent};
+use crate::service::access::Rule;
+
+fn event(seq: i64) -> ServiceEvent {
+    ServiceEvent {
+        service: Arc::from("messages"),
+        kind: EventKind::Created,
+        data: json!({"id": seq, "user_id": 1, "secret": "s"}),
+        position: Position { tick: seq, seq },
+    }
+}
+
+fn policy(channels: &[&str]) -> Policy {
+    let templates: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+    Policy {
+        publisher: Arc::new(TemplatePublisher::parse(&templates).expect("templates")),
+        filters: Vec::new(),
+        visibility: Visibility::default(),
+    }
+}
+
+fn publish(hub: &Hub, policy: &Policy, event: &ServiceEvent) {
+    hub.publish(&mut policy.prepare(event));
+}
+
+fn user(id: &str, role: Option<&str>) -> Principal {
+    Principal {
+        id: id.into(),
+        role: role.map(Into::into),
+        user: json!({"id": id}),
+        expires_at: None,
+    }
+}
+
+fn data_of(frame: Frame) -> Value {
+    match frame {
+        Frame::Event(e) => serde_json::from_slice(&e.data).expect("json"),
+        other => panic!("not an event: {other:?}"),
+    }
+}
+
+fn all() -> Subscription {
+    Subscription::new(KindSet::ALL, None)
+}
+
+#[tokio::test]
+async fn a_connection_that_stays_full_is_cut_off_at_flush_and_others_keep_everything() {
+    let hub = Hub::new();
+    let p = policy(&["anonymous"]);
+    let mut fast = hub.join(2);
+    let slow = hub.join(2);
+    hub.subscribe(fast.id, Arc::from("messages"), all());
+    hub.subscribe(slow.id, Arc::from("messages"), all());
+    for seq in 0..5 {
+        publish(&hub, &p, &event(seq));
+    }
+    let reader = tokio::spawn(async move {
+        let mut seqs = Vec::new();
+        for _ in 0..5 {
+            let frame = fast.frames.recv().await.expect("fast gets every event");
+            seqs.push(data_of(frame)["id"].as_i64().expect("id"));
+        }
+        (fast, seqs)
+    });
+    hub.flush(Duration::from_millis(200)).await;
+    let (fast, seqs) = reader.await.expect("reader");
+    assert_eq!(seqs, [0, 1, 2, 3, 4], "parked frames keep their order");
+    assert_eq!(slow.kick.fired().await, SLOW_CONSUMER);
+    assert!(!fast.kick.token.is_cancelled());
+}
+
+#[tokio::test]
+async fn a_resumed_subscription_drops_replayed_events_and_holds_later_ones() {
+    let hub = Hub::new();
+    let p = policy(&["anonymous"]);
+    let mut m = hub.join(8);
+    hub.begin_tick(5);
+    let until = hub.subscribe_after(m.id, Arc::from("messages"), all(), Position { tick: 3, seq: 30 });
+    assert_eq!(until, 5);
+    publish(
+        &hub,
+        &p,
+        &ServiceEvent {
+            position: Position { tick: 5, seq: 51 },
+            ..event(51)
+        },
+    );
+    hub.begin_tick(6);
+    publish(
+        &hub,
+        &p,
+        &ServiceEvent {
+            position: Position { tick: 6, seq: 60 },
+            ..event(60)
+        },
+    );
+    assert!(m.frames.try_recv().is_err(), "held during the replay");
+    hub.finish_replay(m.id, "messages");
+    let frame = m.frames.try_recv().expect("released after the replay");
+    assert_eq!(data_of(frame)["id"], 60);
+    assert!(m.frames.try_recv().is_err(), "tick 5 was the replay's, not live");
+}
+
+#[tokio::test]
+async fn kinds_and_queries_filter_and_drop_unsubscribes() {
+    let hub = Hub::new();
+    let p = policy(&["anonymous"]);
+    let mut m = hub.join(4);
+    hub.subscribe(
+        m.id,
+        Arc::from("messages"),
+        Subscription::new(KindSet::of(&[EventKind::Removed]), None),
+    );
+    publish(&hub, &p, &event(1));
+    assert!(m.frames.try_recv().is_err(), "created is not wanted");
+    drop(m);
+    assert_eq!(hub.connections(), 0);
+    assert!(hub.read().by_service.is_empty() && hub.read().channels.is_empty());
+}
+
+#[tokio::test]
+async fn events_reach_only_connections_in_their_channels_once() {
+    let hub = Hub::new();
+    let mut anonymous = hub.join(8);
+    let mut alice = hub.join(8);
+    let mut bob = hub.join(8);
+    hub.login(alice.id, user("1", Some("admin")));
+    hub.login(bob.id, user("2", None));
+    for m in [&anonymous, &alice, &bob] {
+        hub.subscribe(m.id, Arc::from("messages"), all());
+    }
+    // published to two channels alice is in: she gets it once
+    publish(&hub, &policy(&["users/{user_id}", "roles/admin"]), &event(1));
+    assert!(alice.frames.try_recv().is_ok());
+    assert!(alice.frames.try_recv().is_err(), "once, not per channel");
+    assert!(bob.frames.try_recv().is_err());
+    assert!(anonymous.frames.try_recv().is_err());
+    publish(&hub, &policy(&["authenticated"]), &event(2));
+    assert!(alice.frames.try_recv().is_ok() && bob.frames.try_recv().is_ok());
+    assert!(anonymous.frames.try_recv().is_err(), "anonymous is not authenticated");
+    // demoted: the admin channel no longer reaches alice
+    hub.update_user("1", None, json!({"id": "1"}));
+    publish(&hub, &policy(&["roles/admin"]), &event(3));
+    assert!(alice.frames.try_recv().is_err());
+    // removed: logged out, told why, back to anonymous
+    hub.logout_user("2", "user removed");
+    assert!(matches!(
+        bob.frames.try_recv(),
+        Ok(Frame::Logout { reason: "user removed" })
+    ));
+    publish(&hub, &policy(&["anonymous"]), &event(4));
+    assert!(bob.frames.try_recv().is_ok() && anonymous.frames.try_recv().is_ok());
+}
+
+#[tokio::test]
+async fn restricted_fields_are_rendered_once_per_view() {
+    let hub = Hub::new();
+    let visibility = Visibility::new(vec![(
+        "secret".into(),
+        vec![Rule::Owner("user_id".into()), Rule::Role("admin".into())],
+    )])
+    .expect("visibility");
+    let p = Policy {
+        visibility,
+        ..policy(&["authenticated"])
+    };
+    let mut owner = hub.join(4);
+    let mut admin = hub.join(4);
+    let mut other = hub.join(4);
+    hub.login(owner.id, user("1", None));
+    hub.login(admin.id, user("9", Some("admin")));
+    hub.login(other.id, user("2", None));
+    for m in [&owner, &admin, &other] {
+        hub.subscribe(m.id, Arc::from("messages"), all());
+    }
+    publish(&hub, &p, &event(1));
+    let (Ok(Frame::Event(a)), Ok(Frame::Event(b)), Ok(Frame::Event(c))) = (
+        owner.frames.try_recv(),
+        admin.frames.try_recv(),
+        other.frames.try_recv(),
+    ) else {
+        panic!("everyone gets the event");
+    };
+    assert!(Arc::ptr_eq(&a, &b), "same view, same bytes");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&c.data).expect("json"),
+        json!({"id": 1, "user_id": 1})
+    );
+    assert_eq!(serde_json::from_slice::<Value>(&a.data).expect("json")["secret"], "s");
+}

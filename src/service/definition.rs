@@ -1,0 +1,208 @@
+//! One service as configured: its table, Feathers options, access rules, stamps, write
+//! roles and delivery policy, checked against the catalog at start-up.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::Method;
+use super::access::{MethodAccess, Rule};
+use crate::auth::Principal;
+use crate::channel::{EventFilter, Policy, Publisher, TemplatePublisher, Visibility};
+use crate::config::{Access, Multi, ServiceConfig};
+use crate::error::Error;
+use crate::service::query::Query;
+use crate::store::Table;
+
+/// What the server writes into a stamped column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stamp {
+    /// The caller's id.
+    UserId,
+    /// The caller's role.
+    UserRole,
+}
+
+/// One configured service.
+pub struct Service {
+    pub name: Arc<str>,
+    pub table: Table,
+    pub(super) multi: Multi,
+    pub(super) paginate: Option<(u32, u32)>,
+    hidden: Vec<String>,
+    access: HashMap<&'static str, MethodAccess>,
+    pub(super) stamps: Vec<(String, Stamp)>,
+    pub(super) write_roles: Vec<(String, Vec<String>)>,
+    /// Who receives this service's events and what they see.
+    pub policy: Policy,
+    /// On the users service: the password column, hashed on every write.
+    pub(super) password_field: Option<String>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+const METHODS: [(&str, Method); 6] = [
+    ("find", Method::Find),
+    ("get", Method::Get),
+    ("create", Method::Create),
+    ("update", Method::Update),
+    ("patch", Method::Patch),
+    ("remove", Method::Remove),
+];
+
+/// What Rust code embedding quill adds to a service (see `gateway::Extensions`).
+#[derive(Default, Clone)]
+pub struct ServiceExtensions {
+    pub publisher: Option<Arc<dyn Publisher>>,
+    pub filters: Vec<Arc<dyn EventFilter>>,
+}
+
+impl Service {
+    /// Builds a service from its config; every column the config names must exist.
+    pub fn build(
+        name: &str,
+        config: &ServiceConfig,
+        table: Table,
+        password_field: Option<String>,
+        extensions: ServiceExtensions,
+    ) -> Result<Service, String> {
+        let column = |c: &str, what: &str| {
+            if table.column(c).is_some() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "service '{name}': {what} names column '{c}', which {}.{} does not have",
+                    table.schema, table.name
+                ))
+            }
+        };
+        let mut hidden = config.hidden.clone();
+        if let Some(field) = &password_field
+            && !hidden.contains(field)
+        {
+            hidden.push(field.clone());
+        }
+        let mut access = HashMap::new();
+        for (method_name, method) in METHODS {
+            let rules = match &config.access {
+                Some(Access::All(rules)) => Some(rules.list()),
+                Some(Access::PerMethod(per)) => match method {
+                    Method::Find => per.find.as_ref(),
+                    Method::Get => per.get.as_ref(),
+                    Method::Create => per.create.as_ref(),
+                    Method::Update => per.update.as_ref(),
+                    Method::Patch => per.patch.as_ref(),
+                    Method::Remove => per.remove.as_ref(),
+                }
+                .map(|r| r.list()),
+                None => None,
+            };
+            let rules = match rules {
+                Some(rules) => rules.iter().map(|r| Rule::parse(r)).collect::<Result<Vec<_>, _>>()?,
+                // Safe defaults: sign-up is public on the users service, the rest needs a login.
+                None if method == Method::Create && password_field.is_some() => vec![Rule::Public],
+                None => vec![Rule::Authenticated],
+            };
+            for rule in &rules {
+                if let Rule::Owner(c) = rule {
+                    column(c, "an owner: rule")?;
+                }
+            }
+            access.insert(method_name, MethodAccess(rules));
+        }
+        let mut stamps = Vec::new();
+        for (c, source) in &config.stamp {
+            column(c, "stamp")?;
+            let stamp = match source.as_str() {
+                "id" => Stamp::UserId,
+                "role" => Stamp::UserRole,
+                other => {
+                    return Err(format!(
+                        "service '{name}': stamp '{c}' must be \"id\" or \"role\", not '{other}'"
+                    ));
+                }
+            };
+            stamps.push((c.clone(), stamp));
+        }
+        for c in config.write_roles.keys() {
+            column(c, "write_roles")?;
+        }
+        let mut restricted = Vec::new();
+        for (c, rules) in &config.visible_to {
+            column(c, "visible_to")?;
+            let rules = rules.iter().map(|r| Rule::parse(r)).collect::<Result<Vec<_>, _>>()?;
+            restricted.push((c.clone(), rules));
+        }
+        let templates = config
+            .publish
+            .clone()
+            .unwrap_or_else(|| vec![crate::channel::AUTHENTICATED.to_owned()]);
+        let template = TemplatePublisher::parse(&templates).map_err(|e| format!("service '{name}': {e}"))?;
+        for field in template.fields() {
+            column(field, "a publish template")?;
+        }
+        let publisher: Arc<dyn Publisher> = match extensions.publisher {
+            Some(custom) => custom,
+            None => Arc::new(template),
+        };
+        Ok(Service {
+            name: Arc::from(name),
+            table,
+            multi: config.multi.clone(),
+            paginate: config.paginate.sizes(),
+            hidden,
+            access,
+            stamps,
+            write_roles: config.write_roles.iter().map(|(c, r)| (c.clone(), r.clone())).collect(),
+            policy: Policy {
+                publisher,
+                filters: extensions.filters,
+                visibility: Visibility::new(restricted).map_err(|e| format!("service '{name}': {e}"))?,
+            },
+            password_field,
+        })
+    }
+
+    /// Removes hidden fields. Every row that leaves quill, in a response or an event,
+    /// passes through here.
+    pub fn strip(&self, row: &mut Value) {
+        if let Value::Object(fields) = row {
+            for name in &self.hidden {
+                fields.remove(name);
+            }
+        }
+    }
+
+    /// Everything a caller may not see: hidden fields, then fields restricted by `visible_to`.
+    pub fn strip_for(&self, caller: Option<&Principal>, row: &mut Value) {
+        self.strip(row);
+        self.policy.visibility.strip_for(caller, row);
+    }
+
+    pub fn is_hidden(&self, column: &str) -> bool {
+        self.hidden.iter().any(|h| h == column)
+    }
+
+    /// Refuses filters and sorts on hidden fields: `password[$lt]=…` would let a client
+    /// bisect a hash. (`$select` of a hidden field is allowed and stripped.) The error does
+    /// not name the field.
+    pub fn check_queryable(&self, query: &Query) -> Result<(), Error> {
+        if query.filter_columns().any(|c| self.is_hidden(c)) {
+            return Err(Error::bad_request("a hidden field cannot be queried"));
+        }
+        Ok(())
+    }
+
+    pub(super) fn access(&self, method: Method) -> &MethodAccess {
+        let name = METHODS.iter().find(|(_, m)| *m == method).map_or("find", |(n, _)| n);
+        // Every method is inserted by `build`.
+        &self.access[name]
+    }
+}
