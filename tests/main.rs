@@ -2,7 +2,9 @@
 
 mod support;
 
+mod auth;
 mod change_feed;
+mod channels;
 mod events;
 mod recovery;
 mod rest_crud;

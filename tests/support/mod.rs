@@ -63,7 +63,12 @@ impl Quill {
     }
 
     /// Another instance on an existing database (for multi-instance tests).
-    pub async fn start_on(db: pg::TestDb, mut config: Config) -> Quill {
+    pub async fn start_on(db: pg::TestDb, config: Config) -> Quill {
+        Self::start_on_with(db, config, quill::Extensions::default()).await
+    }
+
+    /// With code-defined publishers and filters.
+    pub async fn start_on_with(db: pg::TestDb, mut config: Config, extensions: quill::Extensions) -> Quill {
         config.pool_size = 4;
         config.poll_interval_ms = 500;
         if let Some(auth) = &mut config.authentication {
@@ -73,7 +78,7 @@ impl Quill {
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let url = db.url.clone();
-        let task = tokio::spawn(quill::run(config, url, listener, async move {
+        let task = tokio::spawn(quill::run_with(config, extensions, url, listener, async move {
             let _ = stopped.await;
         }));
         let quill = Quill {
@@ -131,16 +136,70 @@ impl Quill {
 
     /// Sends a REST request and returns (status, JSON body).
     pub async fn rest(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let (status, text) = self.rest_raw(method, path, body, None).await;
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// A REST request as a logged-in user.
+    pub async fn rest_as(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let (status, text) = self.rest_raw(method, path, body, Some(token)).await;
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// A REST request; the body as raw text (to assert on bytes).
+    pub async fn rest_raw(&self, method: &str, path: &str, body: Option<Value>, token: Option<&str>) -> (u16, String) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let mut req = self.http.request(method, self.url(path));
         if let Some(body) = body {
             req = req.json(&body);
         }
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
         let resp = req.send().await.expect("request sent");
         let status = resp.status().as_u16();
-        let text = resp.text().await.expect("body");
-        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, json)
+        (status, resp.text().await.expect("body"))
+    }
+
+    /// Signs a user up through the public `users.create`; returns the created user.
+    pub async fn signup(&self, email: &str, password: &str) -> Value {
+        let (status, user) = self
+            .rest(
+                "POST",
+                "/users",
+                Some(serde_json::json!({"email": email, "password": password})),
+            )
+            .await;
+        assert_eq!(status, 201, "sign-up failed: {user}");
+        user
+    }
+
+    /// Logs in with the local strategy; returns the access token.
+    pub async fn login(&self, email: &str, password: &str) -> String {
+        let (status, auth) = self
+            .rest(
+                "POST",
+                "/authentication",
+                Some(serde_json::json!({"strategy": "local", "email": email, "password": password})),
+            )
+            .await;
+        assert_eq!(status, 201, "login failed: {auth}");
+        auth["accessToken"].as_str().expect("token").to_owned()
+    }
+
+    /// Signs up, optionally makes the user an admin (through SQL, as an operator would),
+    /// and logs in. Returns (id, token).
+    pub async fn user(&self, email: &str, admin: bool) -> (i64, String) {
+        let user = self.signup(email, "pw-123456").await;
+        let id = user["id"].as_i64().expect("id");
+        if admin {
+            sqlx::query("UPDATE users SET role = 'admin' WHERE id = $1")
+                .bind(id)
+                .execute(&self.sql().await)
+                .await
+                .expect("make admin");
+        }
+        (id, self.login(email, "pw-123456").await)
     }
 
     /// Stops quill and waits for it; returns the database for reuse.

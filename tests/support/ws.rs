@@ -73,6 +73,16 @@ impl Ws {
         reply["result"].clone()
     }
 
+    /// Logs the socket in with a token (the jwt strategy).
+    pub async fn login(&mut self, token: &str) -> Value {
+        self.ok(
+            "create",
+            "authentication",
+            json!({"data": {"strategy": "jwt", "accessToken": token}}),
+        )
+        .await
+    }
+
     pub async fn subscribe(&mut self, service: &str) {
         let result = self.ok("subscribe", service, json!({})).await;
         assert_eq!(result, json!({"subscribed": service}));
