@@ -347,7 +347,7 @@ fn default_issuer() -> String {
     "quill".into()
 }
 fn default_per_address() -> u32 {
-    20
+    100
 }
 fn default_per_username() -> u32 {
     10

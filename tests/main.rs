@@ -6,6 +6,7 @@ mod auth;
 mod change_feed;
 mod channels;
 mod events;
+mod feathers;
 mod recovery;
 mod rest_crud;
 mod rest_query;

@@ -1,8 +1,11 @@
 //! Transports: REST, the plain JSON WebSocket (`/ws`), and the health endpoints. Each
 //! decodes a call into a [`crate::service::ServiceCall`]; none builds SQL or error JSON.
 
+mod pages;
 mod qs;
 mod rest;
+mod session;
+mod socketio;
 pub mod ws;
 
 use std::sync::Arc;
@@ -38,8 +41,11 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/ws", get(ws::upgrade))
+        .merge(pages::routes())
         .merge(rest::routes())
         .fallback(rest::not_found)
+        // After every route and the fallback, so that /socket.io/ requests reach it.
+        .layer(socketio::layer(state.clone()))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::cors::CorsLayer::permissive())
         .with_state(state)

@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
@@ -20,6 +20,7 @@ use tokio::sync::mpsc::{self, Sender, UnboundedSender};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::session::{Login, sleep_until};
 use super::{AppState, MAX_BODY_BYTES};
 use crate::change::{self, Replay, ResumeError};
 use crate::error::{Error, ErrorKind};
@@ -86,12 +87,6 @@ async fn serve_socket(state: AppState, socket: WebSocket, peer: IpAddr) {
     run_session(state, Some(peer), Box::pin(sink), Box::pin(stream)).await;
 }
 
-/// A change to the session's login, reported by the task that made it.
-enum Login {
-    In { expires_at: Option<u64> },
-    Out,
-}
-
 /// Serves one connection until the client leaves, the hub cuts it off or quill shuts down.
 pub async fn run_session<Tx, Rx>(state: AppState, peer: Option<IpAddr>, mut tx: Tx, mut rx: Rx)
 where
@@ -133,12 +128,7 @@ where
                     break;
                 }
             }
-            Some(login) = logins.recv() => {
-                expires = match login {
-                    Login::In { expires_at } => expires_at.map(instant_at),
-                    Login::Out => None,
-                };
-            }
+            Some(login) = logins.recv() => expires = login.deadline(),
             _ = sleep_until(expires) => {
                 expires = None;
                 state.hub.logout(member.id);
@@ -164,19 +154,6 @@ fn encode(frame: Frame) -> Bytes {
         Frame::Event(event) => event.ws.clone(),
         Frame::Logout { reason } => to_bytes(&json!({ "event": "logout", "reason": reason })),
     }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// A Unix time as an `Instant`.
-fn instant_at(unix_seconds: u64) -> Instant {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    Instant::now() + Duration::from_secs(unix_seconds.saturating_sub(now))
 }
 
 /// What a request handler needs of its session.

@@ -1,0 +1,247 @@
+//! The FeathersJS socket protocol on socket.io (protocol v5, Engine.IO v4) at `/socket.io/`,
+//! as `@feathersjs/socketio-client` and `@feathersjs/authentication-client` 5.x speak it.
+//!
+//! Calls arrive as `emit(method, path, ...args, ack)` and are answered through the ack as
+//! `(error)` or `(null, result)`. A socket is subscribed to every service, as in Feathers;
+//! its channels decide what it receives, as `"<path> <event>"` with one data argument.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ConnectInfo;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
+use socketioxide::extract::{AckSender, Event, SocketRef};
+use socketioxide::handler::{FromMessageParts, Value as SioValue};
+use socketioxide::layer::SocketIoLayer;
+use socketioxide::socket::Socket;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio_util::sync::CancellationToken;
+
+use super::session::{Login, sleep_until};
+use super::{AppState, MAX_BODY_BYTES};
+use crate::error::{Error, ErrorKind, Result};
+use crate::hub::{ConnId, Frame, Membership};
+use crate::service::{Method, ServiceCall};
+
+/// The socket.io layer, with the Feathers namespace registered.
+pub(super) fn layer(state: AppState) -> SocketIoLayer {
+    let (layer, io) = SocketIo::builder()
+        .max_payload(MAX_BODY_BYTES as u64)
+        .max_buffer_size(state.outgoing_queue.max(128))
+        .build_layer();
+    io.ns("/", move |socket: SocketRef| {
+        // Handlers are registered before the first await, so a call the client sends right
+        // after connecting (a re-authentication) is never dropped.
+        on_connect(socket, state.clone());
+        std::future::ready(())
+    });
+    layer
+}
+
+/// What a socket's handlers need: its hub connection and login.
+#[derive(Clone)]
+struct Conn {
+    id: ConnId,
+    peer: Option<IpAddr>,
+    logins: UnboundedSender<Login>,
+    /// The access token of the current login (a logout must name it or null).
+    token: Arc<Mutex<Option<String>>>,
+    closed: CancellationToken,
+}
+
+fn on_connect(socket: SocketRef, state: AppState) {
+    let peer = socket
+        .req_parts()
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let member = state.hub.join(state.outgoing_queue);
+    state.hub.subscribe_all(member.id);
+    let (logins, login_rx) = mpsc::unbounded_channel();
+    let conn = Conn {
+        id: member.id,
+        peer,
+        logins,
+        token: Arc::default(),
+        closed: CancellationToken::new(),
+    };
+    socket.extensions.insert(conn.clone());
+    let handler_state = state.clone();
+    socket.on_fallback(
+        move |s: SocketRef, Event(method): Event, RawArgs(args): RawArgs, ack: AckSender| {
+            let state = handler_state.clone();
+            async move {
+                let outcome = match s.extensions.get::<Conn>() {
+                    Some(conn) => dispatch(&state, &conn, &method, args).await,
+                    None => Err(Error::general("connection state missing")),
+                };
+                let _ = match outcome {
+                    Ok(result) => ack.send(&(Value::Null, result)),
+                    Err(e) => ack.send(&e.to_json()),
+                };
+            }
+        },
+    );
+    socket.on_disconnect(|s: SocketRef| async move {
+        if let Some(conn) = s.extensions.get::<Conn>() {
+            conn.closed.cancel();
+        }
+    });
+    tokio::spawn(forward(socket, state, member, login_rx, conn.closed));
+}
+
+/// Sends the hub's frames to the socket until it closes; the membership (and so every
+/// subscription and channel) ends with it.
+async fn forward(
+    socket: SocketRef,
+    state: AppState,
+    mut member: Membership,
+    mut logins: UnboundedReceiver<Login>,
+    closed: CancellationToken,
+) {
+    let mut expires = None;
+    loop {
+        tokio::select! {
+            _ = closed.cancelled() => break,
+            _ = state.shutdown.cancelled() => {
+                let _ = socket.disconnect();
+                break;
+            }
+            reason = member.kick.fired() => {
+                tracing::info!(socket = %socket.id, reason, "disconnecting socket.io client");
+                let _ = socket.disconnect();
+                break;
+            }
+            Some(login) = logins.recv() => expires = login.deadline(),
+            // As in Feathers, an expired token logs the connection out; the socket stays.
+            _ = sleep_until(expires) => {
+                expires = None;
+                state.hub.logout(member.id);
+            }
+            Some(frame) = member.frames.recv() => {
+                // Replies go through acks, and a logout is learnt from the next call's 401.
+                let Frame::Event(event) = frame else { continue };
+                let name = format!("{} {}", event.service, event.kind.as_str());
+                let data = String::from_utf8_lossy(&event.data).into_owned();
+                let Ok(data) = RawValue::from_string(data) else { continue };
+                if socket.emit(name, &data).is_err() {
+                    // socket.io's own buffer is full: the client is not reading
+                    let _ = socket.disconnect();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Runs one Feathers call: `(path, ...args)` in the client's order.
+async fn dispatch(state: &AppState, conn: &Conn, event: &str, args: Result<Vec<Value>, String>) -> Result<Value> {
+    let mut args = args.map_err(|e| Error::bad_request(format!("invalid arguments: {e}")))?;
+    let method =
+        Method::parse(event).ok_or_else(|| Error::method_not_allowed(format!("Method '{event}' not allowed")))?;
+    let path = match (!args.is_empty()).then(|| args.remove(0)) {
+        Some(Value::String(path)) => path.trim_matches('/').to_owned(),
+        _ => return Err(Error::not_found("Invalid service path")),
+    };
+    // Where params.query sits; anything past it is one argument too many.
+    let query_at = match method {
+        Method::Find => 0,
+        Method::Get | Method::Remove | Method::Create => 1,
+        Method::Update | Method::Patch => 2,
+    };
+    if args.len() > query_at + 1 {
+        return Err(Error::bad_request(format!("Too many arguments for '{event}' method")));
+    }
+    args.resize(query_at + 1, Value::Null);
+    let query = args.pop().unwrap_or(Value::Null);
+    let mut args = args.into_iter();
+    let mut next = || args.next().unwrap_or(Value::Null);
+    if path == "authentication" {
+        return match method {
+            Method::Create => login(state, conn, &next()).await,
+            Method::Remove => logout(state, conn, &next()),
+            _ => Err(Error::method_not_allowed(format!(
+                "Method '{event}' not allowed on service 'authentication'"
+            ))),
+        };
+    }
+    let (id, data) = match method {
+        Method::Find => (None, None),
+        Method::Get | Method::Remove => (Some(next()), None),
+        Method::Create => (None, Some(next())),
+        Method::Update | Method::Patch => (Some(next()), Some(next())),
+    };
+    state
+        .services
+        .call(ServiceCall {
+            service: path,
+            method,
+            id,
+            data,
+            query,
+            caller: state.hub.principal(conn.id),
+        })
+        .await
+}
+
+async fn login(state: &AppState, conn: &Conn, data: &Value) -> Result<Value> {
+    let auth = state.services.authenticate(data, conn.peer).await?;
+    let expires_at = auth.principal.expires_at;
+    state.hub.login(conn.id, auth.principal);
+    if let Ok(mut token) = conn.token.lock() {
+        *token = auth
+            .result
+            .get("accessToken")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+    }
+    let _ = conn.logins.send(Login::In { expires_at });
+    Ok(auth.result)
+}
+
+/// `remove('authentication', null)`: answers with the authentication it ends, as Feathers.
+fn logout(state: &AppState, conn: &Conn, id: &Value) -> Result<Value> {
+    let not_authenticated = || Error::new(ErrorKind::NotAuthenticated, "Not authenticated");
+    let principal = state.hub.principal(conn.id).ok_or_else(not_authenticated)?;
+    let token = conn.token.lock().ok().and_then(|mut t| t.take());
+    if let (Value::String(named), Some(token)) = (id, &token)
+        && named != token
+    {
+        return Err(Error::new(ErrorKind::NotAuthenticated, "Invalid access token"));
+    }
+    state.hub.logout(conn.id);
+    let _ = conn.logins.send(Login::Out);
+    Ok(json!({
+        "accessToken": token,
+        "authentication": { "strategy": "jwt", "accessToken": token },
+        "user": principal.user,
+    }))
+}
+
+/// All the arguments of an event as loose JSON. Never fails, so every call gets an ack:
+/// socketioxide skips a handler whose extractor fails, and the client would hang.
+struct RawArgs(Result<Vec<Value>, String>);
+
+impl<A: Adapter> FromMessageParts<A> for RawArgs {
+    type Error = Infallible;
+
+    fn from_message_parts(_: &Arc<Socket<A>>, value: &mut SioValue, _: &Option<i64>) -> Result<Self, Infallible> {
+        let args = match value.as_str() {
+            Some(text) => serde_json::from_str::<Vec<Value>>(text.as_str())
+                .map(|mut all| {
+                    // the first element is the event name
+                    if !all.is_empty() {
+                        all.remove(0);
+                    }
+                    all
+                })
+                .map_err(|e| e.to_string()),
+            None => Err("binary payloads are not supported".to_owned()),
+        };
+        Ok(RawArgs(args))
+    }
+}
