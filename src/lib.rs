@@ -20,6 +20,7 @@
 //! and for tests.
 
 pub mod auth;
+pub mod bench;
 pub mod change;
 pub mod channel;
 pub mod cluster;

@@ -21,6 +21,38 @@ enum Command {
     Serve(Options),
     /// Apply quill's migrations and exit.
     Migrate(Options),
+    /// Measure latency, fan-out, the write path, connections and capture overhead against
+    /// a quill this command starts on a throwaway database.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Admin URL of the PostgreSQL server to use (a `quill_bench` database is created).
+    #[arg(
+        long,
+        env = "QUILL_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Scenarios to run (latency, fanout, targeted, write, connections, capture); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Seconds per measured phase.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Subscriber counts for the fan-out scenario.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    fanout: Vec<usize>,
+    /// Connection counts for the idle-connections scenario.
+    #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
+    connections: Vec<usize>,
+    /// Latency scenario: subscribers.
+    #[arg(long, default_value_t = 10)]
+    subscribers: usize,
+    /// Latency scenario: writes per second.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
 }
 
 #[derive(clap::Args)]
@@ -52,6 +84,18 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(opts) => runtime.block_on(serve(opts)),
         Command::Migrate(opts) => runtime.block_on(migrate(opts)),
+        Command::Bench(args) => runtime.block_on(async {
+            let options = quill::bench::BenchOptions {
+                admin_url: args.database_url,
+                only: args.only,
+                seconds: args.seconds,
+                fanout: args.fanout,
+                connections: args.connections,
+                subscribers: args.subscribers,
+                rate: args.rate,
+            };
+            quill::bench::run(options).await.map(|_| ()).context("bench failed")
+        }),
     }
 }
 

@@ -38,6 +38,14 @@ impl TickCursor {
         }
     }
 
+    /// Queues ticks listed elsewhere, as (previous tick, tick) in order.
+    fn queue(&mut self, ticks: Vec<(i64, i64)>) {
+        for (prev, tick) in ticks {
+            self.pending.push_back((prev, tick));
+            self.last_tick = tick;
+        }
+    }
+
     /// Queues the ticks after `last_tick`, up to `until` if given.
     async fn extend(&mut self, pool: &PgPool, until: Option<i64>) -> Result<(), ChangeError> {
         let ids: Vec<i64> = sqlx::query_scalar(
@@ -179,13 +187,14 @@ impl ChangeSource for LogReader {
                 // A missed notification costs at most one poll interval, never a change.
                 let _ = tokio::time::timeout(self.poll, self.wake.notified()).await;
             }
-            // Another quill instance may make the tick instead; either way, read what is new.
-            let _made: Option<i64> = sqlx::query_scalar("SELECT quill.make_tick()")
-                .fetch_one(&self.pool)
+            // Make a tick (or find the one another quill instance made) and queue every new
+            // tick, in one round trip.
+            let ticks: Vec<(i64, i64)> = sqlx::query_as("SELECT prev, tick FROM quill.advance($1)")
+                .bind(self.cursor.last_tick)
+                .fetch_all(&self.pool)
                 .await?;
-            let before = self.cursor.last_tick;
-            self.cursor.extend(&self.pool, None).await?;
-            self.eager = self.cursor.last_tick != before;
+            self.eager = !ticks.is_empty();
+            self.cursor.queue(ticks);
         }
     }
 }

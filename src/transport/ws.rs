@@ -34,6 +34,8 @@ use crate::service::{Method, Service, ServiceCall};
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 /// Close code when quill shuts down (RFC 6455 "going away").
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Frames written per flush at most.
+const BATCH: usize = 64;
 /// How long a closing session may spend sending what it has queued.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 
@@ -124,7 +126,14 @@ where
                 break;
             }
             Some(frame) = member.frames.recv() => {
-                if tx.send(Outbound::Text(encode(frame))).await.is_err() {
+                // Write what is already queued in one go: one flush (one syscall) for a
+                // burst, not one per event.
+                let mut sent = tx.feed(Outbound::Text(encode(frame))).await.is_ok();
+                for _ in 0..BATCH {
+                    let Ok(frame) = member.frames.try_recv() else { break };
+                    sent = sent && tx.feed(Outbound::Text(encode(frame))).await.is_ok();
+                }
+                if !sent || tx.flush().await.is_err() {
                     break;
                 }
             }

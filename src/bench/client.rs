@@ -1,0 +1,141 @@
+//! The bench's clients: `/ws` connections from many loopback source addresses, and
+//! receivers that time each event from the send time written into its row.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{WebSocketStream, client_async};
+use tokio_util::sync::CancellationToken;
+
+use super::BenchError;
+
+pub(super) type Socket = WebSocketStream<TcpStream>;
+
+/// One clock for writers and readers in this process.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// The text of a timed message: the send time, read back by receivers.
+pub(super) fn stamp() -> String {
+    format!("bench {}", epoch().elapsed().as_nanos())
+}
+
+/// Time since the stamp in a frame, if the frame carries one.
+fn age(frame: &str) -> Option<Duration> {
+    let start = frame.find("\"bench ")? + 7;
+    let digits: String = frame[start..].chars().take_while(char::is_ascii_digit).collect();
+    let sent = Duration::from_nanos(digits.parse().ok()?);
+    Some(epoch().elapsed().saturating_sub(sent))
+}
+
+/// Opens `/ws`, from 127.0.0.(2 + i % 200) so that tens of thousands of connections do not
+/// run out of one address's ephemeral ports.
+pub(super) async fn connect(url: &str, i: usize) -> Result<Socket, BenchError> {
+    let target: SocketAddr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| BenchError(format!("bad ws url {url}")))?;
+    let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % 200) as u8));
+    let socket = TcpSocket::new_v4().map_err(|e| BenchError::new("socket", e))?;
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .map_err(|e| BenchError::new("bind", e))?;
+    let stream = socket
+        .connect(target)
+        .await
+        .map_err(|e| BenchError::new("connect", e))?;
+    stream.set_nodelay(true).map_err(|e| BenchError::new("nodelay", e))?;
+    let (ws, _) = client_async(url, stream)
+        .await
+        .map_err(|e| BenchError::new("ws handshake", e))?;
+    Ok(ws)
+}
+
+/// Sends requests and waits for all their replies (events are skipped).
+pub(super) async fn request(ws: &mut Socket, requests: &[String]) -> Result<(), BenchError> {
+    for r in requests {
+        ws.send(Message::text(r.as_str()))
+            .await
+            .map_err(|e| BenchError::new("ws send", e))?;
+    }
+    let mut replies = 0;
+    while replies < requests.len() {
+        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .map_err(|_| BenchError("no reply within 30 s".into()))?;
+        match frame {
+            Some(Ok(Message::Text(t))) if t.contains("\"ref\"") => {
+                if t.contains("\"error\"") {
+                    return Err(BenchError(format!("request failed: {t}")));
+                }
+                replies += 1;
+            }
+            Some(Ok(_)) => {}
+            other => return Err(BenchError(format!("socket closed: {other:?}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Logs in with a token and subscribes to messages.
+pub(super) async fn subscriber(url: &str, i: usize, token: &str) -> Result<Socket, BenchError> {
+    let mut ws = connect(url, i).await?;
+    let login = format!(
+        r#"{{"ref":1,"method":"create","service":"authentication","data":{{"strategy":"jwt","accessToken":"{token}"}}}}"#
+    );
+    let subscribe = r#"{"ref":2,"method":"subscribe","service":"messages","kinds":["created"]}"#.to_owned();
+    request(&mut ws, &[login, subscribe]).await?;
+    Ok(ws)
+}
+
+/// What one receiver saw.
+#[derive(Default)]
+pub(super) struct Received {
+    pub(super) events: u64,
+    pub(super) latencies: Vec<Duration>,
+}
+
+/// Reads events until `stop` and then until the stream has been idle for a second (at
+/// most 30 s more), so a backlog still in flight is counted, not lost. Keeps latencies only
+/// when `timed` (to bound memory).
+pub(super) async fn receive(mut ws: Socket, timed: bool, stop: CancellationToken) -> Received {
+    let mut got = Received::default();
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let frame = match deadline {
+            None => tokio::select! {
+                _ = stop.cancelled() => {
+                    deadline = Some(Instant::now() + Duration::from_secs(30));
+                    continue;
+                }
+                frame = ws.next() => frame,
+            },
+            Some(deadline) if Instant::now() >= deadline => break,
+            Some(_) => match tokio::time::timeout(Duration::from_secs(1), ws.next()).await {
+                Ok(frame) => frame,
+                Err(_) => break,
+            },
+        };
+        match frame {
+            Some(Ok(Message::Text(t))) => {
+                if t.starts_with("{\"event\"") {
+                    got.events += 1;
+                    if timed && let Some(age) = age(&t) {
+                        got.latencies.push(age);
+                    }
+                }
+            }
+            Some(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    got
+}

@@ -1,0 +1,421 @@
+//! The scenarios of `quill bench`. Each starts its own quill, measures one phase of
+//! `options.seconds` and stops everything it started.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use super::client::{self, Received, Socket, stamp};
+use super::report::{Row, round};
+use super::server::{Server, config};
+use super::{BenchError, BenchOptions};
+
+/// How long receivers keep reading after the writers stop.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Opens `n` logged-in subscribers, `timed` of which record latencies.
+async fn subscribers(
+    server: &Server,
+    tokens: &[String],
+    n: usize,
+    timed: usize,
+    stop: &CancellationToken,
+) -> Result<JoinSet<Received>, BenchError> {
+    let mut sockets = Vec::with_capacity(n);
+    // Connect in waves: a burst of thousands of handshakes at once only measures the
+    // kernel's accept queue.
+    for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
+        let mut wave = JoinSet::new();
+        for &i in chunk {
+            let url = server.ws.clone();
+            let token = tokens[i % tokens.len()].clone();
+            wave.spawn(async move { client::subscriber(&url, i, &token).await });
+        }
+        while let Some(joined) = wave.join_next().await {
+            sockets.push(joined.map_err(|e| BenchError::new("subscriber task", e))??);
+        }
+    }
+    let mut set = JoinSet::new();
+    for (i, ws) in sockets.into_iter().enumerate() {
+        set.spawn(client::receive(ws, i < timed, stop.clone()));
+    }
+    Ok(set)
+}
+
+async fn collect(mut set: JoinSet<Received>) -> (u64, Vec<Duration>) {
+    let mut events = 0;
+    let mut latencies = Vec::new();
+    while let Some(Ok(r)) = set.join_next().await {
+        events += r.events;
+        latencies.extend(r.latencies);
+    }
+    (events, latencies)
+}
+
+async fn pool(server: &Server, size: u32) -> Result<PgPool, BenchError> {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .connect_with((*server.db.connect_options()).clone())
+        .await
+        .map_err(|e| BenchError::new("writer pool", e))
+}
+
+/// K subscribers; a writer at a fixed rate through SQL, REST and `/ws`; time from the
+/// write to receipt.
+pub(super) async fn latency(options: &BenchOptions) -> Result<Vec<Row>, BenchError> {
+    let server = Server::start(options, &config(r#"["authenticated"]"#)).await?;
+    let ids = server.users(options.subscribers + 1).await?;
+    let tokens: Vec<String> = ids.iter().map(|id| Server::token(*id)).collect();
+    let writer_token = tokens[tokens.len() - 1].clone();
+    let sql = pool(&server, 1).await?;
+    let http = reqwest::Client::new();
+    let mut writer_ws = client::connect(&server.ws, 0).await?;
+    let login = format!(
+        r#"{{"ref":0,"method":"create","service":"authentication","data":{{"strategy":"jwt","accessToken":"{writer_token}"}}}}"#
+    );
+    client::request(&mut writer_ws, &[login]).await?;
+    let (mut ws_tx, mut ws_rx) = writer_ws.split();
+    // The /ws writer's replies are read and dropped so that its socket never backs up.
+    let drain = tokio::spawn(async move { while ws_rx.next().await.is_some() {} });
+    let mut rows = Vec::new();
+    for path in ["sql", "rest", "ws"] {
+        let stop = CancellationToken::new();
+        let set = subscribers(&server, &tokens, options.subscribers, options.subscribers, &stop).await?;
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(options.rate.max(1))));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < options.phase() {
+            tick.tick().await;
+            let text = stamp();
+            let written = match path {
+                "sql" => sqlx::query("INSERT INTO messages (text) VALUES ($1)")
+                    .bind(&text)
+                    .execute(&sql)
+                    .await
+                    .is_ok(),
+                "rest" => http
+                    .post(format!("{}/messages", server.base))
+                    .bearer_auth(&writer_token)
+                    .json(&serde_json::json!({"text": text}))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success()),
+                _ => {
+                    let call =
+                        format!(r#"{{"ref":1,"method":"create","service":"messages","data":{{"text":"{text}"}}}}"#);
+                    ws_tx.send(Message::text(call)).await.is_ok()
+                }
+            };
+            sent += u64::from(written);
+        }
+        tokio::time::sleep(DRAIN).await;
+        stop.cancel();
+        let (events, mut latencies) = collect(set).await;
+        let expected = sent * options.subscribers as u64;
+        rows.push(
+            Row::new(format!("latency/{path}"))
+                .with("subscribers", options.subscribers)
+                .with("rate_per_s", options.rate)
+                .with("writes", sent)
+                .with("delivered_share", round(events as f64 / expected.max(1) as f64, 4))
+                .latencies(&mut latencies)
+                .emit(),
+        );
+    }
+    drain.abort();
+    server.stop().await;
+    Ok(rows)
+}
+
+/// N subscribers of one service; writers insert as fast as they can.
+pub(super) async fn fanout(options: &BenchOptions, n: usize) -> Result<Row, BenchError> {
+    let server = Server::start(options, &config(r#"["authenticated"]"#)).await?;
+    let ids = server.users(1).await?;
+    let tokens = vec![Server::token(ids[0])];
+    let stop = CancellationToken::new();
+    let set = subscribers(&server, &tokens, n, n.min(50), &stop).await?;
+    let sql = pool(&server, 4).await?;
+    let (cpu0, writes, elapsed) = write_for(&server, &sql, 4, options.phase()).await;
+    tokio::time::sleep(DRAIN).await;
+    let cpu = server.cpu_seconds() - cpu0;
+    stop.cancel();
+    let (events, mut latencies) = collect(set).await;
+    let (_, peak) = server.rss_kib();
+    let row = Row::new(format!("fanout/{n}"))
+        .with("subscribers", n)
+        .with("writes_per_s", round(writes as f64 / elapsed, 1))
+        .with(
+            "delivered_per_s",
+            round(events as f64 / (elapsed + DRAIN.as_secs_f64()), 0),
+        )
+        .with("lost", (writes * n as u64).saturating_sub(events))
+        .with("quill_cpu_s", round(cpu, 2))
+        .with("quill_peak_rss_mib", round(peak as f64 / 1024.0, 1))
+        .latencies(&mut latencies)
+        .emit();
+    server.stop().await;
+    Ok(row)
+}
+
+/// Inserts single rows from `writers` tasks for `phase`; returns (cpu before, rows, secs).
+async fn write_for(server: &Server, sql: &PgPool, writers: usize, phase: Duration) -> (f64, u64, f64) {
+    let count = Arc::new(AtomicU64::new(0));
+    let cpu0 = server.cpu_seconds();
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..writers {
+        let (sql, count) = (sql.clone(), count.clone());
+        set.spawn(async move {
+            while start.elapsed() < phase {
+                if sqlx::query("INSERT INTO messages (text) VALUES ($1)")
+                    .bind(stamp())
+                    .execute(&sql)
+                    .await
+                    .is_ok()
+                {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    (cpu0, count.load(Ordering::Relaxed), start.elapsed().as_secs_f64())
+}
+
+/// N connections, each its own user; each message goes to its author's channel only.
+pub(super) async fn targeted(options: &BenchOptions, n: usize) -> Result<Row, BenchError> {
+    let server = Server::start(options, &config(r#"["users/{user_id}"]"#)).await?;
+    let ids = server.users(n).await?;
+    let tokens: Vec<String> = ids.iter().map(|id| Server::token(*id)).collect();
+    let stop = CancellationToken::new();
+    let set = subscribers(&server, &tokens, n, n, &stop).await?;
+    let sql = pool(&server, 4).await?;
+    let count = Arc::new(AtomicU64::new(0));
+    let cpu0 = server.cpu_seconds();
+    let start = Instant::now();
+    let mut writers = JoinSet::new();
+    for w in 0..4usize {
+        let (sql, count, ids) = (sql.clone(), count.clone(), ids.clone());
+        let phase = options.phase();
+        writers.spawn(async move {
+            let mut i = w;
+            while start.elapsed() < phase {
+                let user = ids[i % ids.len()];
+                i += 4;
+                let insert = sqlx::query("INSERT INTO messages (text, user_id) VALUES ($1, $2)")
+                    .bind(stamp())
+                    .bind(user);
+                if insert.execute(&sql).await.is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while writers.join_next().await.is_some() {}
+    let elapsed = start.elapsed().as_secs_f64();
+    tokio::time::sleep(DRAIN).await;
+    let cpu = server.cpu_seconds() - cpu0;
+    stop.cancel();
+    let (events, mut latencies) = collect(set).await;
+    let writes = count.load(Ordering::Relaxed);
+    let row = Row::new(format!("targeted/{n}"))
+        .with("connections", n)
+        .with("delivered_per_s", round(events as f64 / elapsed, 1))
+        .with("lost", writes.saturating_sub(events))
+        .with("quill_cpu_us_per_event", round(cpu * 1e6 / events.max(1) as f64, 1))
+        .latencies(&mut latencies)
+        .emit();
+    server.stop().await;
+    Ok(row)
+}
+
+/// Creates per second through REST and `/ws`, against plain single-row SQL inserts into the
+/// same (captured) table.
+pub(super) async fn write_path(options: &BenchOptions) -> Result<Vec<Row>, BenchError> {
+    const CLIENTS: usize = 8;
+    let server = Server::start(options, &config(r#"["authenticated"]"#)).await?;
+    let ids = server.users(1).await?;
+    let token = Server::token(ids[0]);
+    let sql = pool(&server, CLIENTS as u32).await?;
+    let (_, sql_writes, sql_secs) = write_for(&server, &sql, CLIENTS, options.phase()).await;
+    let sql_rate = sql_writes as f64 / sql_secs;
+
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..CLIENTS {
+        let (count, token, url) = (count.clone(), token.clone(), format!("{}/messages", server.base));
+        let http = reqwest::Client::new();
+        let phase = options.phase();
+        set.spawn(async move {
+            while start.elapsed() < phase {
+                let body = serde_json::json!({"text": stamp()});
+                if http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let rest_rate = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for i in 0..CLIENTS {
+        let mut ws = client::connect(&server.ws, i).await?;
+        let login = format!(
+            r#"{{"ref":0,"method":"create","service":"authentication","data":{{"strategy":"jwt","accessToken":"{token}"}}}}"#
+        );
+        client::request(&mut ws, &[login]).await?;
+        let count = count.clone();
+        let phase = options.phase();
+        set.spawn(async move { ws_creates(ws, count, start, phase).await });
+    }
+    while set.join_next().await.is_some() {}
+    let ws_rate = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    server.stop().await;
+    let row = |path: &str, rate: f64| {
+        Row::new(format!("write/{path}"))
+            .with("clients", CLIENTS)
+            .with("creates_per_s", round(rate, 1))
+            .with("ratio_to_sql", round(rate / sql_rate.max(1.0), 3))
+            .emit()
+    };
+    Ok(vec![row("sql", sql_rate), row("rest", rest_rate), row("ws", ws_rate)])
+}
+
+/// One `/ws` client creating messages one after the other, each awaited.
+async fn ws_creates(mut ws: Socket, count: Arc<AtomicU64>, start: Instant, phase: Duration) {
+    let mut reference = 1u64;
+    while start.elapsed() < phase {
+        let call = format!(
+            r#"{{"ref":{reference},"method":"create","service":"messages","data":{{"text":"{}"}}}}"#,
+            stamp()
+        );
+        if client::request(&mut ws, &[call]).await.is_ok() {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        reference += 1;
+    }
+}
+
+/// C idle `/ws` connections: quill's memory per connection.
+pub(super) async fn connections(options: &BenchOptions, n: usize) -> Result<Row, BenchError> {
+    let server = Server::start(options, &config(r#"["authenticated"]"#)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (before, _) = server.rss_kib();
+    let start = Instant::now();
+    let mut sockets = Vec::with_capacity(n);
+    let mut failed = 0usize;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let mut wave = JoinSet::new();
+        for &i in chunk {
+            let url = server.ws.clone();
+            wave.spawn(async move { client::connect(&url, i).await });
+        }
+        while let Some(joined) = wave.join_next().await {
+            match joined {
+                Ok(Ok(ws)) => sockets.push(ws),
+                _ => failed += 1,
+            }
+        }
+        if start.elapsed() > Duration::from_secs(180) {
+            break;
+        }
+    }
+    let opened = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (after, peak) = server.rss_kib();
+    let held = sockets.len();
+    let row = Row::new(format!("connections/{n}"))
+        .with("held", held)
+        .with("failed", failed)
+        .with("open_s", round(opened, 1))
+        .with("quill_rss_mib", round(after as f64 / 1024.0, 1))
+        .with("quill_peak_rss_mib", round(peak as f64 / 1024.0, 1))
+        .with(
+            "kib_per_connection",
+            round(after.saturating_sub(before) as f64 / held.max(1) as f64, 2),
+        )
+        .emit();
+    drop(sockets);
+    server.stop().await;
+    Ok(row)
+}
+
+/// Single-row inserts with and without quill's capture trigger, 1 and 4 writers.
+pub(super) async fn capture(options: &BenchOptions) -> Result<Vec<Row>, BenchError> {
+    let server = Server::start(options, &config(r#"["authenticated"]"#)).await?;
+    for statement in [
+        "CREATE TABLE bench_plain (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, text text NOT NULL)",
+        "CREATE TABLE bench_captured (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, text text NOT NULL)",
+    ] {
+        sqlx::query(statement)
+            .execute(&server.db)
+            .await
+            .map_err(|e| BenchError::new("creating bench tables", e))?;
+    }
+    let table = crate::store::Table::load(&server.db, "bench", "public", "bench_captured", "id", &[])
+        .await
+        .map_err(|e| BenchError::new("reading the bench table", e))?;
+    crate::store::install_capture(&server.db, &table)
+        .await
+        .map_err(|e| BenchError::new("installing capture", e))?;
+    let mut rows = Vec::new();
+    for writers in [1usize, 4] {
+        let sql = pool(&server, writers as u32).await?;
+        let rate = |table: &'static str| {
+            let sql = sql.clone();
+            let phase = options.phase();
+            async move {
+                let count = Arc::new(AtomicU64::new(0));
+                let start = Instant::now();
+                let mut set = JoinSet::new();
+                for _ in 0..writers {
+                    let (sql, count) = (sql.clone(), count.clone());
+                    let insert: &'static str = if table == "plain" {
+                        "INSERT INTO bench_plain (text) VALUES ('x')"
+                    } else {
+                        "INSERT INTO bench_captured (text) VALUES ('x')"
+                    };
+                    set.spawn(async move {
+                        while start.elapsed() < phase {
+                            if sqlx::query(insert).execute(&sql).await.is_ok() {
+                                count.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+                while set.join_next().await.is_some() {}
+                count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+            }
+        };
+        let plain = rate("plain").await;
+        let captured = rate("captured").await;
+        rows.push(
+            Row::new(format!("capture/{writers}_writers"))
+                .with("plain_per_s", round(plain, 0))
+                .with("captured_per_s", round(captured, 0))
+                .with("ratio", round(captured / plain.max(1.0), 3))
+                .emit(),
+        );
+    }
+    server.stop().await;
+    Ok(rows)
+}
