@@ -77,6 +77,7 @@ fn apply_user_change(auth: &Authenticator, change: &Change, hub: &Hub) {
     let Some(id) = id_text(&change.row, &auth.entity().table.id().name) else {
         return;
     };
+    auth.forget_user(&id);
     match change.kind {
         EventKind::Removed => hub.logout_user(&id, "user removed"),
         _ => {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::support::{Quill, WAIT, pg};
+use crate::support::{Quill, WAIT, insert_messages, pg};
 use quill::cluster::LocalCluster;
 
 async fn start_cluster(dir: std::path::PathBuf, port: u16) -> LocalCluster {
@@ -13,16 +13,6 @@ async fn start_cluster(dir: std::path::PathBuf, port: u16) -> LocalCluster {
         .await
         .expect("join")
         .expect("start a dedicated PostgreSQL")
-}
-
-async fn insert_range(pool: &PgPool, from: usize, to: usize) {
-    for i in from..to {
-        sqlx::query("INSERT INTO messages (text) VALUES ($1)")
-            .bind(i.to_string())
-            .execute(pool)
-            .await
-            .expect("insert");
-    }
 }
 
 async fn ready_status(q: &Quill) -> u16 {
@@ -64,9 +54,9 @@ async fn quill_rides_out_a_postgres_restart_and_loses_no_change() {
     ws.subscribe("messages").await;
 
     let sql = PgPool::connect(&url).await.expect("sql");
-    insert_range(&sql, 0, 100).await;
+    insert_messages(&sql, 0, 100).await;
     // Committed right before the stop: quill may not have read these yet.
-    insert_range(&sql, 100, 150).await;
+    insert_messages(&sql, 100, 150).await;
     sql.close().await;
     tokio::task::spawn_blocking(move || drop(cluster))
         .await
@@ -81,7 +71,7 @@ async fn quill_rides_out_a_postgres_restart_and_loses_no_change() {
 
     let cluster = start_cluster(dir.clone(), port).await;
     let sql = PgPool::connect(&url).await.expect("sql after restart");
-    insert_range(&sql, 150, 200).await;
+    insert_messages(&sql, 150, 200).await;
     let texts: Vec<String> = ws
         .events(200)
         .await

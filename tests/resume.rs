@@ -4,18 +4,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::Quill;
+use crate::support::{Quill, insert_messages};
 use quill::config::Retention;
-
-async fn insert_many(pool: &sqlx::PgPool, from: usize, to: usize) {
-    for i in from..to {
-        sqlx::query("INSERT INTO messages (text) VALUES ($1)")
-            .bind(i.to_string())
-            .execute(pool)
-            .await
-            .expect("insert");
-    }
-}
 
 fn texts(events: &[serde_json::Value]) -> Vec<String> {
     events
@@ -30,15 +20,15 @@ async fn a_client_that_missed_1000_events_gets_exactly_those_then_live_ones() {
     let sql = q.sql().await;
     let mut first = q.ws().await;
     first.subscribe("messages").await;
-    insert_many(&sql, 0, 1).await;
+    insert_messages(&sql, 0, 1).await;
     let last_seen = first.next_event().await["seq"].as_i64().expect("seq");
     drop(first);
 
-    insert_many(&sql, 1, 1001).await;
+    insert_messages(&sql, 1, 1001).await;
     // More writes race with the resume itself.
     let racing = {
         let sql = sql.clone();
-        tokio::spawn(async move { insert_many(&sql, 1001, 1301).await })
+        tokio::spawn(async move { insert_messages(&sql, 1001, 1301).await })
     };
     let mut back = q.ws().await;
     let reply = back.ok("subscribe", "messages", json!({"since": last_seen})).await;
@@ -51,7 +41,7 @@ async fn a_client_that_missed_1000_events_gets_exactly_those_then_live_ones() {
         "exactly the 1300 events after {last_seen}, in order"
     );
     back.expect_no_event(Duration::from_millis(300)).await;
-    insert_many(&sql, 1301, 1302).await;
+    insert_messages(&sql, 1301, 1302).await;
     assert_eq!(back.next_event().await["data"]["text"], "1301");
 }
 
@@ -89,9 +79,9 @@ async fn a_position_older_than_retention_is_gone_and_an_unknown_one_is_a_bad_req
     let sql = q.sql().await;
     let mut ws = q.ws().await;
     ws.subscribe("messages").await;
-    insert_many(&sql, 0, 1).await;
+    insert_messages(&sql, 0, 1).await;
     let old = ws.next_event().await["seq"].as_i64().expect("seq");
-    insert_many(&sql, 1, 5).await;
+    insert_messages(&sql, 1, 5).await;
     ws.events(4).await;
     let keep_two = Retention {
         max_age_seconds: 3600,

@@ -9,8 +9,12 @@ mod limit;
 pub mod password;
 mod principal;
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::get_current_timestamp;
 
 use serde_json::{Value, json};
 
@@ -52,7 +56,14 @@ pub struct Authenticator {
     tokens: Tokens,
     external: Option<ExternalTokens>,
     limiter: LoginLimiter,
+    /// Recently checked tokens, so that REST requests do not load the user every time.
+    /// Entries live a few seconds and go at once when their user's row changes.
+    recent: Mutex<HashMap<String, (Principal, Instant)>>,
 }
+
+/// How long a checked token is trusted without loading its user again.
+const RECENT_FOR: Duration = Duration::from_secs(10);
+const RECENT_MAX: usize = 10_000;
 
 fn invalid_login() -> Error {
     Error::new(ErrorKind::NotAuthenticated, "Invalid login")
@@ -80,6 +91,7 @@ impl Authenticator {
             tokens: Tokens::new(secret.as_bytes(), config),
             external: config.external.as_ref().map(ExternalTokens::new).transpose()?,
             limiter: LoginLimiter::new(config.rate_limit),
+            recent: Mutex::new(HashMap::new()),
             username_field: config.username_field.clone(),
             password_field: config.password_field.clone(),
             role_field: config.role_field.clone(),
@@ -186,6 +198,35 @@ impl Authenticator {
     /// The caller a token stands for. quill's tokens name a user who must still exist;
     /// external tokens carry their user in their claims.
     pub async fn principal(&self, token: &str) -> Result<Principal> {
+        let now = Instant::now();
+        if let Ok(recent) = self.recent.lock()
+            && let Some((principal, at)) = recent.get(token)
+            && now.duration_since(*at) < RECENT_FOR
+            && principal.expires_at.is_none_or(|exp| exp > get_current_timestamp())
+        {
+            return Ok(principal.clone());
+        }
+        let principal = self.check(token).await?;
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() >= RECENT_MAX {
+                recent.retain(|_, (_, at)| now.duration_since(*at) < RECENT_FOR);
+                if recent.len() >= RECENT_MAX {
+                    recent.clear();
+                }
+            }
+            recent.insert(token.to_owned(), (principal.clone(), now));
+        }
+        Ok(principal)
+    }
+
+    /// A user's row changed or went away: their tokens are checked afresh from now on.
+    pub fn forget_user(&self, id: &str) {
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.retain(|_, (principal, _)| principal.id != id);
+        }
+    }
+
+    async fn check(&self, token: &str) -> Result<Principal> {
         match self.tokens.verify(token) {
             Ok(claims) => {
                 let mut rows = self

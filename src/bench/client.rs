@@ -35,8 +35,15 @@ fn age(frame: &str) -> Option<Duration> {
 }
 
 /// Opens `/ws`, from 127.0.0.(2 + i % 200) so that tens of thousands of connections do not
-/// run out of one address's ephemeral ports.
+/// run out of one address's ephemeral ports. Gives up after 10 s (a server out of file
+/// descriptors leaves handshakes hanging).
 pub(super) async fn connect(url: &str, i: usize) -> Result<Socket, BenchError> {
+    tokio::time::timeout(Duration::from_secs(10), connect_now(url, i))
+        .await
+        .map_err(|_| BenchError("connect timed out".into()))?
+}
+
+async fn connect_now(url: &str, i: usize) -> Result<Socket, BenchError> {
     let target: SocketAddr = url
         .trim_start_matches("ws://")
         .split('/')

@@ -335,7 +335,8 @@ pub(super) async fn connections(options: &BenchOptions, n: usize) -> Result<Row,
                 _ => failed += 1,
             }
         }
-        if start.elapsed() > Duration::from_secs(180) {
+        // Past the file-descriptor limit every further connect only times out.
+        if start.elapsed() > Duration::from_secs(180) || failed > 100 {
             break;
         }
     }
@@ -353,6 +354,7 @@ pub(super) async fn connections(options: &BenchOptions, n: usize) -> Result<Row,
             "kib_per_connection",
             round(after.saturating_sub(before) as f64 / held.max(1) as f64, 2),
         )
+        .with("fd_limit", super::server::fd_limit())
         .emit();
     drop(sockets);
     server.stop().await;

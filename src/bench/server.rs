@@ -211,11 +211,21 @@ impl Server {
     }
 }
 
+/// This process's open-file limit (quill inherits it).
+pub(super) fn fd_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft)
+}
+
 /// Lets the bench (and the quill it starts, which inherits it) open tens of thousands of
 /// sockets.
 pub(super) fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+    // Two sockets per connection in this process plus one in quill: aim for 200k, which
+    // root may set above the hard limit (up to fs.nr_open); otherwise take the hard limit.
+    const WANTED: u64 = 200_000;
+    if setrlimit(Resource::RLIMIT_NOFILE, WANTED, WANTED).is_err()
+        && let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+    {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }

@@ -8,7 +8,9 @@
 
 mod member;
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -52,12 +54,7 @@ impl State {
         if let Some(member) = self.members.get_mut(&conn) {
             member.channels.remove(channel);
         }
-        if let Some(members) = self.channels.get_mut(channel) {
-            members.remove(&conn);
-            if members.is_empty() {
-                self.channels.remove(channel);
-            }
-        }
+        unindex(&mut self.channels, channel, conn);
     }
 
     /// The channels a user's connection belongs to.
@@ -78,12 +75,7 @@ impl State {
             for name in Self::user_channels(old) {
                 self.leave_channel(conn, &name);
             }
-            if let Some(conns) = self.by_user.get_mut(&old.id) {
-                conns.remove(&conn);
-                if conns.is_empty() {
-                    self.by_user.remove(&old.id);
-                }
-            }
+            unindex(&mut self.by_user, old.id.as_str(), conn);
         }
         match &principal {
             Some(p) => {
@@ -94,6 +86,20 @@ impl State {
                 self.by_user.entry(p.id.clone()).or_default().insert(conn);
             }
             None => self.join_channel(conn, channel::ANONYMOUS),
+        }
+    }
+}
+
+/// Removes a connection from one entry of an index, and the entry once it is empty.
+fn unindex<K, Q>(index: &mut HashMap<K, HashSet<ConnId>>, key: &Q, conn: ConnId)
+where
+    K: Borrow<Q> + Hash + Eq,
+    Q: Hash + Eq + ?Sized,
+{
+    if let Some(conns) = index.get_mut(key) {
+        conns.remove(&conn);
+        if conns.is_empty() {
+            index.remove(key);
         }
     }
 }
@@ -167,20 +173,10 @@ impl Hub {
             return;
         };
         for name in &member.channels {
-            if let Some(members) = state.channels.get_mut(name) {
-                members.remove(&conn);
-                if members.is_empty() {
-                    state.channels.remove(name);
-                }
-            }
+            unindex(&mut state.channels, &**name, conn);
         }
         for service in member.subscriptions.keys() {
-            if let Some(subs) = state.by_service.get_mut(service) {
-                subs.remove(&conn);
-                if subs.is_empty() {
-                    state.by_service.remove(service);
-                }
-            }
+            unindex(&mut state.by_service, &**service, conn);
         }
         state.all_services.remove(&conn);
         self.metrics.connections.dec();
@@ -322,12 +318,7 @@ impl Hub {
         if let Some(member) = state.members.get_mut(&conn) {
             member.subscriptions.remove(service);
         }
-        if let Some(subs) = state.by_service.get_mut(service) {
-            subs.remove(&conn);
-            if subs.is_empty() {
-                state.by_service.remove(service);
-            }
-        }
+        unindex(&mut state.by_service, service, conn);
     }
 
     /// Cuts a connection off with a reason.

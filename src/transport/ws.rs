@@ -59,7 +59,11 @@ pub(super) async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
+    // Small buffers: a connection that is idle should cost kilobytes, not tungstenite's
+    // default 128 KiB read buffer. Both still grow for large messages.
     ws.max_message_size(MAX_BODY_BYTES)
+        .read_buffer_size(2 * 1024)
+        .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| serve_socket(state, socket, peer.ip()))
 }
 

@@ -21,6 +21,17 @@ pub use ws::Ws;
 /// Every wait in the tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Inserts messages with texts `from..to`, one statement each, as another program would.
+pub async fn insert_messages(pool: &PgPool, from: usize, to: usize) {
+    for i in from..to {
+        sqlx::query("INSERT INTO messages (text) VALUES ($1)")
+            .bind(i.to_string())
+            .execute(pool)
+            .await
+            .expect("insert");
+    }
+}
+
 /// The JWT secret of test instances.
 pub const TEST_SECRET: &str = "test secret: 32 bytes or more, never used in production";
 
