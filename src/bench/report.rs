@@ -36,6 +36,12 @@ impl Row {
         self
     }
 
+    /// The share of CPU time stolen by the hypervisor during the measurement.
+    pub(super) fn steal(self, steal: &super::server::Steal) -> Self {
+        let percent = round(steal.percent(), 1);
+        self.with("cpu_steal_pct", percent)
+    }
+
     /// Prints the JSON line right away, so partial runs still leave their numbers.
     pub fn emit(self) -> Self {
         println!("{}", serde_json::to_string(&self).unwrap_or_default());

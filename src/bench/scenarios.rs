@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::{self, Received, Socket, stamp};
 use super::report::{Row, round};
-use super::server::{Server, config};
+use super::server::{Server, Steal, config};
 use super::{BenchError, BenchOptions};
 
 /// How long receivers keep reading after the writers stop.
@@ -88,6 +88,7 @@ pub(super) async fn latency(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
     for path in ["sql", "rest", "ws"] {
         let stop = CancellationToken::new();
         let set = subscribers(&server, &tokens, options.subscribers, options.subscribers, &stop).await?;
+        let steal = Steal::start();
         let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(options.rate.max(1))));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let start = Instant::now();
@@ -127,6 +128,7 @@ pub(super) async fn latency(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
                 .with("writes", sent)
                 .with("delivered_share", round(events as f64 / expected.max(1) as f64, 4))
                 .latencies(&mut latencies)
+                .steal(&steal)
                 .emit(),
         );
     }
@@ -143,6 +145,7 @@ pub(super) async fn fanout(options: &BenchOptions, n: usize) -> Result<Row, Benc
     let stop = CancellationToken::new();
     let set = subscribers(&server, &tokens, n, n.min(50), &stop).await?;
     let sql = pool(&server, 4).await?;
+    let steal = Steal::start();
     let (cpu0, writes, elapsed) = write_for(&server, &sql, 4, options.phase()).await;
     tokio::time::sleep(DRAIN).await;
     let cpu = server.cpu_seconds() - cpu0;
@@ -160,6 +163,7 @@ pub(super) async fn fanout(options: &BenchOptions, n: usize) -> Result<Row, Benc
         .with("quill_cpu_s", round(cpu, 2))
         .with("quill_peak_rss_mib", round(peak as f64 / 1024.0, 1))
         .latencies(&mut latencies)
+        .steal(&steal)
         .emit();
     server.stop().await;
     Ok(row)
@@ -199,6 +203,7 @@ pub(super) async fn targeted(options: &BenchOptions, n: usize) -> Result<Row, Be
     let set = subscribers(&server, &tokens, n, n, &stop).await?;
     let sql = pool(&server, 4).await?;
     let count = Arc::new(AtomicU64::new(0));
+    let steal = Steal::start();
     let cpu0 = server.cpu_seconds();
     let start = Instant::now();
     let mut writers = JoinSet::new();
@@ -232,6 +237,7 @@ pub(super) async fn targeted(options: &BenchOptions, n: usize) -> Result<Row, Be
         .with("lost", writes.saturating_sub(events))
         .with("quill_cpu_us_per_event", round(cpu * 1e6 / events.max(1) as f64, 1))
         .latencies(&mut latencies)
+        .steal(&steal)
         .emit();
     server.stop().await;
     Ok(row)
@@ -245,6 +251,7 @@ pub(super) async fn write_path(options: &BenchOptions) -> Result<Vec<Row>, Bench
     let ids = server.users(1).await?;
     let token = Server::token(ids[0]);
     let sql = pool(&server, CLIENTS as u32).await?;
+    let steal = Steal::start();
     let (_, sql_writes, sql_secs) = write_for(&server, &sql, CLIENTS, options.phase()).await;
     let sql_rate = sql_writes as f64 / sql_secs;
 
@@ -295,6 +302,7 @@ pub(super) async fn write_path(options: &BenchOptions) -> Result<Vec<Row>, Bench
             .with("clients", CLIENTS)
             .with("creates_per_s", round(rate, 1))
             .with("ratio_to_sql", round(rate / sql_rate.max(1.0), 3))
+            .steal(&steal)
             .emit()
     };
     Ok(vec![row("sql", sql_rate), row("rest", rest_rate), row("ws", ws_rate)])
@@ -408,6 +416,7 @@ pub(super) async fn capture(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
                 count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
             }
         };
+        let steal = Steal::start();
         let plain = rate("plain").await;
         let captured = rate("captured").await;
         rows.push(
@@ -415,6 +424,7 @@ pub(super) async fn capture(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
                 .with("plain_per_s", round(plain, 0))
                 .with("captured_per_s", round(captured, 0))
                 .with("ratio", round(captured / plain.max(1.0), 3))
+                .steal(&steal)
                 .emit(),
         );
     }

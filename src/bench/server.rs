@@ -211,6 +211,37 @@ impl Server {
     }
 }
 
+/// CPU time the hypervisor took from this machine, as a share of all CPU time since
+/// `Steal::start`: on a shared VM it explains runs that differ.
+pub(super) struct Steal(u64, u64);
+
+impl Steal {
+    pub(super) fn start() -> Steal {
+        let (steal, total) = cpu_counters();
+        Steal(steal, total)
+    }
+
+    pub(super) fn percent(&self) -> f64 {
+        let (steal, total) = cpu_counters();
+        let total = total.saturating_sub(self.1).max(1);
+        100.0 * steal.saturating_sub(self.0) as f64 / total as f64
+    }
+}
+
+/// (steal, total) jiffies from /proc/stat.
+fn cpu_counters() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    (fields.get(7).copied().unwrap_or(0), fields.iter().take(8).sum())
+}
+
 /// This process's open-file limit (quill inherits it).
 pub(super) fn fd_limit() -> u64 {
     nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft)
