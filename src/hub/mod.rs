@@ -66,6 +66,14 @@ impl State {
         names
     }
 
+    /// The connections logged in as this user.
+    fn user_conns(&self, id: &str) -> Vec<ConnId> {
+        self.by_user
+            .get(id)
+            .map(|c| c.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
     fn set_principal(&mut self, conn: ConnId, principal: Option<Arc<Principal>>) {
         let Some(member) = self.members.get_mut(&conn) else {
             return;
@@ -210,11 +218,7 @@ impl Hub {
     /// A user's row changed: their live connections take the new role and user at once.
     pub fn update_user(&self, id: &str, role: Option<String>, user: serde_json::Value) {
         let mut state = self.write();
-        let conns: Vec<ConnId> = state
-            .by_user
-            .get(id)
-            .map(|c| c.iter().copied().collect())
-            .unwrap_or_default();
+        let conns = state.user_conns(id);
         for conn in conns {
             let Some(old) = state.members.get(&conn).and_then(|m| m.principal.clone()) else {
                 continue;
@@ -231,11 +235,7 @@ impl Hub {
     /// Logs out every connection of a user (the user was removed), telling each why.
     pub fn logout_user(&self, id: &str, reason: &'static str) {
         let mut state = self.write();
-        let conns: Vec<ConnId> = state
-            .by_user
-            .get(id)
-            .map(|c| c.iter().copied().collect())
-            .unwrap_or_default();
+        let conns = state.user_conns(id);
         for conn in conns {
             state.set_principal(conn, None);
             if let Some(member) = state.members.get(&conn) {
