@@ -206,15 +206,6 @@ impl Hub {
         self.read().members.get(&conn).and_then(|m| m.principal.clone())
     }
 
-    /// Puts a connection in a custom channel (rooms and the like).
-    pub fn join_channel(&self, conn: ConnId, channel: &str) {
-        self.write().join_channel(conn, channel);
-    }
-
-    pub fn leave_channel(&self, conn: ConnId, channel: &str) {
-        self.write().leave_channel(conn, channel);
-    }
-
     /// A user's row changed: their live connections take the new role and user at once.
     pub fn update_user(&self, id: &str, role: Option<String>, user: serde_json::Value) {
         let mut state = self.write();

@@ -181,10 +181,6 @@ impl Services {
             .unwrap_or(&[])
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.by_name.keys().map(String::as_str)
-    }
-
     /// Runs one method call: access rules, then Feathers semantics, then what the caller
     /// may see of the result.
     pub async fn call(&self, call: ServiceCall) -> Result<Value> {
