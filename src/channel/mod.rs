@@ -65,6 +65,18 @@ where
     }
 }
 
+/// Runs code an embedder supplied. A panic there must not end event delivery for
+/// everyone: it is logged and the event goes nowhere (publisher) or is withheld (filter).
+fn guarded<T>(what: &str, fallback: T, f: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(value) => value,
+        Err(_) => {
+            tracing::error!(what, "custom code panicked; the event is withheld");
+            fallback
+        }
+    }
+}
+
 /// How one service's events reach connections.
 #[derive(Clone)]
 pub struct Policy {
@@ -77,7 +89,7 @@ impl Policy {
     /// Computes the channels once; the result is shared by every receiver.
     pub fn prepare<'a>(&'a self, event: &'a ServiceEvent) -> Prepared<'a> {
         Prepared {
-            channels: self.publisher.channels(event),
+            channels: guarded("publisher", Vec::new(), || self.publisher.channels(event)),
             policy: self,
             event,
             frames: Vec::new(),
@@ -97,7 +109,12 @@ pub struct Prepared<'a> {
 impl Prepared<'_> {
     /// The view this connection gets, or `None` if a filter withholds the event.
     pub fn view_for(&self, user: Option<&Principal>) -> Option<u64> {
-        if self.policy.filters.iter().all(|f| f.allows(self.event, user)) {
+        if self
+            .policy
+            .filters
+            .iter()
+            .all(|f| guarded("event filter", false, || f.allows(self.event, user)))
+        {
             Some(self.policy.visibility.view(user, &self.event.data))
         } else {
             None
@@ -150,6 +167,25 @@ mod tests {
     use super::*;
     use crate::event::{EventKind, Position};
     use serde_json::json;
+
+    #[test]
+    fn a_panicking_custom_filter_or_publisher_withholds_the_event_instead_of_crashing() {
+        let event = ServiceEvent {
+            service: Arc::from("messages"),
+            kind: EventKind::Created,
+            data: json!({"id": 1}),
+            position: Position { tick: 1, seq: 1 },
+        };
+        let panicking_filter = |_: &ServiceEvent, _: Option<&Principal>| -> bool { panic!("bug in user code") };
+        let policy = Policy {
+            publisher: Arc::new(|_: &ServiceEvent| -> Vec<String> { panic!("bug in user code") }),
+            filters: vec![Arc::new(panicking_filter)],
+            visibility: Visibility::default(),
+        };
+        let prepared = policy.prepare(&event);
+        assert!(prepared.channels.is_empty());
+        assert_eq!(prepared.view_for(None), None);
+    }
 
     #[test]
     fn the_ws_frame_is_the_event_as_json() {
