@@ -7,17 +7,24 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use serde_json::Value;
 use sqlx::PgPool;
 use sqlx::types::Json;
 use tokio::sync::Notify;
 
+use super::presence::Presence;
 use super::{Change, ChangeError, ChangeSource};
 use crate::event::{EventKind, Position};
 
 /// How many changes one read returns at most, so a 100 000-row transaction streams through
 /// in bounded memory (the tick's seq list aside: 8 bytes a change).
 const PAGE: usize = 1000;
+
+/// While busy, the reader looks for new ticks at most this often: each look is a tick (a
+/// transaction), and under load fewer, bigger ticks leave the writers more of the machine.
+const BUSY_POLL: Duration = Duration::from_millis(1);
 
 /// Walks ticks in order, returning each tick's batch in pages.
 struct TickCursor {
@@ -117,17 +124,39 @@ async fn fetch(pool: &PgPool, tick: i64, seqs: &[i64]) -> Result<Vec<Change>, Ch
     .fetch_all(pool)
     .await?;
     rows.into_iter()
-        .map(|(seq, table_schema, table_name, kind, row)| {
-            Ok(Change {
-                seq,
-                tick,
-                table_schema,
-                table_name,
-                kind: EventKind::parse(&kind).ok_or(ChangeError::UnknownKind(kind))?,
-                row: row.0,
-            })
-        })
+        .map(|(seq, table_schema, table_name, kind, row)| change(seq, tick, table_schema, table_name, kind, row.0))
         .collect()
+}
+
+fn change(
+    seq: i64,
+    tick: i64,
+    table_schema: String,
+    table_name: String,
+    kind: String,
+    row: Value,
+) -> Result<Change, ChangeError> {
+    Ok(Change {
+        seq,
+        tick,
+        table_schema,
+        table_name,
+        kind: EventKind::parse(&kind).ok_or(ChangeError::UnknownKind(kind))?,
+        row,
+    })
+}
+
+/// A row of `quill.poll` (see its migration for the three kinds).
+#[derive(sqlx::FromRow)]
+struct Polled {
+    prev: i64,
+    tick: i64,
+    read_later: bool,
+    seq: Option<i64>,
+    table_schema: Option<String>,
+    table_name: Option<String>,
+    kind: Option<String>,
+    row_data: Option<Json<Value>>,
 }
 
 /// The live reader: waits for wake-ups, makes ticks, returns their batches.
@@ -138,6 +167,9 @@ pub struct LogReader {
     cursor: TickCursor,
     /// Whether to look for new changes before waiting for the next wake-up.
     eager: bool,
+    /// When the reader last looked for new ticks.
+    last_look: Instant,
+    presence: Presence,
 }
 
 impl LogReader {
@@ -153,6 +185,8 @@ impl LogReader {
             poll,
             cursor: TickCursor::after(last_tick),
             eager: true,
+            last_look: Instant::now(),
+            presence: Presence::new(),
         })
     }
 }
@@ -171,31 +205,88 @@ impl ChangeSource for LogReader {
                 Ok(Some(page)) => return Ok(page),
                 Ok(None) => {}
                 Err(e) if e.is_pruned() => {
-                    let oldest: Option<i64> = sqlx::query_scalar("SELECT min(id) FROM quill.tick")
-                        .fetch_one(&self.pool)
-                        .await?;
-                    tracing::error!(
-                        from_tick = self.cursor.last_tick,
-                        "the change log was pruned past this reader's position: events were lost"
-                    );
-                    self.cursor = TickCursor::after(oldest.unwrap_or(0));
+                    self.skip_pruned().await?;
                     continue;
                 }
                 Err(e) => return Err(e),
             }
-            if !self.eager {
+            if self.eager {
+                if self.presence.reading() {
+                    tokio::time::sleep_until(self.last_look + BUSY_POLL).await;
+                }
+            } else if self.presence.must_look_again() {
+                // Writers skipped their NOTIFY while we were reading: wait for them to commit
+                // and look once more before waiting.
+                self.presence.stop_reading(&self.pool).await?;
+            } else {
                 // A missed notification costs at most one poll interval, never a change.
                 let _ = tokio::time::timeout(self.poll, self.wake.notified()).await;
             }
-            // Make a tick (or find the one another quill instance made) and queue every new
-            // tick, in one round trip.
-            let ticks: Vec<(i64, i64)> = sqlx::query_as("SELECT prev, tick FROM quill.advance($1)")
-                .bind(self.cursor.last_tick)
-                .fetch_all(&self.pool)
-                .await?;
-            self.eager = !ticks.is_empty();
-            self.cursor.queue(ticks);
+            self.last_look = Instant::now();
+            let (changes, new_ticks) = match self.poll().await {
+                Err(e) if e.is_pruned() => {
+                    self.skip_pruned().await?;
+                    continue;
+                }
+                polled => polled?,
+            };
+            if new_ticks && self.eager {
+                // New ticks twice in a row: busy, so writers need not wake us.
+                self.presence.start_reading(&self.pool).await;
+            }
+            self.eager = new_ticks;
+            if !changes.is_empty() {
+                return Ok(changes);
+            }
         }
+    }
+}
+
+impl LogReader {
+    /// Makes a tick (or finds the one another quill instance made) and reads the new ticks'
+    /// changes, in one round trip. Ticks too big for one page are queued on the cursor.
+    /// Returns the changes read and whether there were new ticks.
+    async fn poll(&mut self) -> Result<(Vec<Change>, bool), ChangeError> {
+        let rows: Vec<Polled> = sqlx::query_as(
+            "SELECT prev, tick, read_later, seq, table_schema, table_name, kind, row_data FROM quill.poll($1, $2)",
+        )
+        .bind(self.cursor.last_tick)
+        .bind(PAGE as i32)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut changes = Vec::with_capacity(rows.len());
+        let mut later = Vec::new();
+        let mut newest = None;
+        for row in rows {
+            newest = Some(row.tick);
+            match (row.seq, row.table_schema, row.table_name, row.kind, row.row_data) {
+                _ if row.read_later => later.push((row.prev, row.tick)),
+                (Some(seq), Some(schema), Some(table), Some(kind), Some(data)) => {
+                    changes.push(change(seq, row.tick, schema, table, kind, data.0)?);
+                }
+                _ => {} // a tick without changes
+            }
+        }
+        if let Some(newest) = newest
+            && later.is_empty()
+        {
+            self.cursor.last_tick = newest;
+        }
+        self.cursor.queue(later);
+        Ok((changes, newest.is_some()))
+    }
+
+    /// Moves past ticks that were pruned before this reader read them.
+    async fn skip_pruned(&mut self) -> Result<(), ChangeError> {
+        let oldest: Option<i64> = sqlx::query_scalar("SELECT min(id) FROM quill.tick")
+            .fetch_one(&self.pool)
+            .await?;
+        tracing::error!(
+            from_tick = self.cursor.last_tick,
+            "the change log was pruned past this reader's position: events were lost"
+        );
+        self.cursor = TickCursor::after(oldest.unwrap_or(0));
+        Ok(())
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod listener;
 pub mod log;
 pub mod monitor;
+mod presence;
 pub mod retention;
 
 use std::future::Future;

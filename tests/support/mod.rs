@@ -81,7 +81,10 @@ impl Quill {
     /// With code-defined publishers and filters.
     pub async fn start_on_with(db: pg::TestDb, mut config: Config, extensions: quill::Extensions) -> Quill {
         config.pool_size = 4;
-        config.poll_interval_ms = 500;
+        // A quicker fallback than the default, unless the test chose its own.
+        if config.poll_interval_ms == Config::default().poll_interval_ms {
+            config.poll_interval_ms = 500;
+        }
         if let Some(auth) = &mut config.authentication {
             auth.jwt_secret.get_or_insert_with(|| TEST_SECRET.to_owned());
         }
