@@ -56,6 +56,12 @@ impl Store {
 
     /// Inserts rows; several rows go in one transaction, so either all or none are written.
     pub async fn insert(&self, table: &Table, items: &[Map<String, Value>]) -> Result<Vec<Value>> {
+        if let [item] = items {
+            // One statement is atomic by itself: no BEGIN and COMMIT round trips.
+            let st = sql::insert(table, item);
+            let row = rows(&st).fetch_one(&self.pool).await.map_err(db_error)?;
+            return Ok(vec![row.0]);
+        }
         let mut tx = self.pool.begin().await.map_err(db_error)?;
         let mut out = Vec::with_capacity(items.len());
         for item in items {
