@@ -151,22 +151,32 @@ impl Member {
     }
 
     /// Queues a frame, or parks it in the overflow (behind any frame already parked, so the
-    /// order holds). Returns false when the connection is gone.
-    pub(super) fn offer(&self, frame: Frame) -> bool {
+    /// order holds).
+    pub(super) fn offer(&self, frame: Frame) -> Offered {
         let Ok(mut overflow) = self.overflow.lock() else {
-            return false;
+            return Offered::Gone;
         };
         if !overflow.is_empty() {
             overflow.push_back(frame);
-            return true;
+            return Offered::Parked { first: false };
         }
         match self.tx.try_send(frame) {
-            Ok(()) => true,
+            Ok(()) => Offered::Queued,
             Err(mpsc::error::TrySendError::Full(frame)) => {
                 overflow.push_back(frame);
-                true
+                Offered::Parked { first: true }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => Offered::Gone,
         }
     }
+}
+
+/// What became of an offered frame.
+pub(super) enum Offered {
+    Queued,
+    /// In the overflow; `first` if it was empty before.
+    Parked {
+        first: bool,
+    },
+    Gone,
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use member::Offered;
 pub use member::{ConnId, Frame, Kick, KindSet, RenderedEvent, Subscription};
 use member::{Member, Resume};
 
@@ -118,6 +119,8 @@ pub struct Hub {
     next_id: AtomicU64,
     /// The newest tick whose events have started to be published.
     started_tick: AtomicI64,
+    /// The connections with parked frames, so that `flush` visits those, not everyone.
+    parked: Mutex<Vec<ConnId>>,
     metrics: Arc<Metrics>,
 }
 
@@ -147,6 +150,7 @@ impl Hub {
             state: RwLock::default(),
             next_id: AtomicU64::new(0),
             started_tick: AtomicI64::new(0),
+            parked: Mutex::new(Vec::new()),
             metrics,
         })
     }
@@ -230,7 +234,7 @@ impl Hub {
         for conn in conns {
             state.set_principal(conn, None);
             if let Some(member) = state.members.get(&conn) {
-                member.offer(Frame::Logout { reason });
+                self.offer(conn, member, Frame::Logout { reason });
             }
         }
     }
@@ -298,7 +302,7 @@ impl Hub {
             .and_then(|r| r.lock().ok().and_then(|mut r| r.held.take()))
             .unwrap_or_default();
         for frame in held {
-            if member.offer(frame) {
+            if self.offer(conn, member, frame) {
                 self.metrics.events_delivered.inc();
             }
         }
@@ -348,7 +352,7 @@ impl Hub {
                     if let Some(member) = state.members.get(conn)
                         && let Some(sub) = member.subscription(service)
                     {
-                        self.offer_to(member, sub, prepared, &mut full);
+                        self.offer_to(*conn, member, sub, prepared, &mut full);
                     }
                 }
             } else {
@@ -360,7 +364,7 @@ impl Hub {
                     };
                     let listed = prepared.channels.iter().any(|c| member.channels.contains(c.as_str()));
                     if let (true, Some(sub)) = (listed, member.subscription(service)) {
-                        self.offer_to(member, sub, prepared, &mut full);
+                        self.offer_to(*conn, member, sub, prepared, &mut full);
                     }
                 }
             }
@@ -371,7 +375,14 @@ impl Hub {
         }
     }
 
-    fn offer_to(&self, member: &Member, sub: &Subscription, prepared: &mut Prepared<'_>, full: &mut Vec<Kick>) {
+    fn offer_to(
+        &self,
+        conn: ConnId,
+        member: &Member,
+        sub: &Subscription,
+        prepared: &mut Prepared<'_>,
+        full: &mut Vec<Kick>,
+    ) {
         let event = prepared.event;
         let view = match prepared.view_for(member.principal.as_deref()) {
             Some(view) if sub.wants(event.kind, &event.data) => view,
@@ -396,8 +407,22 @@ impl Hub {
                 return;
             }
         }
-        if member.offer(frame) {
+        if self.offer(conn, member, frame) {
             self.metrics.events_delivered.inc();
+        }
+    }
+
+    /// Offers a frame to a member; false when the connection is gone.
+    fn offer(&self, conn: ConnId, member: &Member, frame: Frame) -> bool {
+        match member.offer(frame) {
+            Offered::Queued => true,
+            Offered::Parked { first } => {
+                if first {
+                    self.parked.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+                }
+                true
+            }
+            Offered::Gone => false,
         }
     }
 
@@ -420,11 +445,15 @@ impl Hub {
     /// pipeline calls this after each page, so healthy clients set the pace and a stalled
     /// one delays the others by at most `timeout`, once.
     pub async fn flush(&self, timeout: Duration) {
+        let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|p| p.into_inner()));
+        if parked.is_empty() {
+            return;
+        }
         let pending: Vec<(mpsc::Sender<Frame>, Kick, Vec<Frame>)> = {
             let state = self.read();
-            state
-                .members
-                .values()
+            parked
+                .iter()
+                .filter_map(|conn| state.members.get(conn))
                 .filter_map(|m| {
                     let mut overflow = m.overflow.lock().ok()?;
                     (!overflow.is_empty()).then(|| (m.tx.clone(), m.kick.clone(), overflow.drain(..).collect()))

@@ -77,6 +77,35 @@ async fn a_connection_that_stays_full_is_cut_off_at_flush_and_others_keep_everyt
 }
 
 #[tokio::test]
+async fn a_connection_that_parks_again_after_a_flush_is_drained_by_the_next_one() {
+    let hub = Hub::new();
+    let p = policy(&["anonymous"]);
+    let mut conn = hub.join(1);
+    hub.subscribe(conn.id, Arc::from("messages"), all());
+    for page in 0..3 {
+        // The queue holds one frame: the second of each page is parked.
+        publish(&hub, &p, &event(2 * page));
+        publish(&hub, &p, &event(2 * page + 1));
+        let reader = tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for _ in 0..2 {
+                let frame = conn.frames.recv().await.expect("every event");
+                seqs.push(data_of(frame)["id"].as_i64().expect("id"));
+            }
+            (conn, seqs)
+        });
+        hub.flush(Duration::from_millis(500)).await;
+        let (back, seqs) = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the parked frame is drained")
+            .expect("reader");
+        assert_eq!(seqs, [2 * page, 2 * page + 1]);
+        assert!(!back.kick.token.is_cancelled(), "page {page}");
+        conn = back;
+    }
+}
+
+#[tokio::test]
 async fn a_resumed_subscription_drops_replayed_events_and_holds_later_ones() {
     let hub = Hub::new();
     let p = policy(&["anonymous"]);
