@@ -140,7 +140,7 @@ pub async fn run_with(
 
     let wake = Arc::new(Notify::new());
     tracker.spawn(run_listener(database_url, wake.clone(), metrics.clone(), token.clone()));
-    let reader = LogReader::start(pool.clone(), wake, config.poll_interval()).await?;
+    let reader = LogReader::start(pool.clone(), wake, config.poll_interval(), metrics.clone()).await?;
     metrics.delivered_tick.set(reader.position());
     metrics.reader_up.set(1);
     tracker.spawn(pipeline::deliver(

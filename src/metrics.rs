@@ -28,6 +28,8 @@ pub struct Metrics {
     pub notifications: Counter,
     /// 1 while the change reader reads without errors.
     pub reader_up: Gauge,
+    /// 1 while the reader is busy and holds its reading lock, so writers skip NOTIFY.
+    pub reader_busy: Gauge,
     /// The newest tick whose events were delivered.
     pub delivered_tick: Gauge,
     /// Committed changes not yet delivered, and the age of the oldest of them.
@@ -50,6 +52,7 @@ impl Default for Metrics {
             listener_reconnects: Counter::default(),
             notifications: Counter::default(),
             reader_up: Gauge::default(),
+            reader_busy: Gauge::default(),
             delivered_tick: Gauge::default(),
             lag_events: Gauge::default(),
             lag_seconds: Gauge::default(),
@@ -92,6 +95,11 @@ impl Default for Metrics {
             "reader_up",
             "1 while the change reader reads without errors",
             m.reader_up.clone(),
+        );
+        registry.register(
+            "reader_busy",
+            "1 while the change reader is busy and writers skip their NOTIFY",
+            m.reader_busy.clone(),
         );
         registry.register(
             "delivered_tick",

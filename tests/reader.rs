@@ -187,6 +187,27 @@ async fn bursts_from_concurrent_writers_are_delivered_without_the_poll_fallback(
         tokio::time::sleep(Duration::from_millis(20 + 10 * burst as u64)).await;
     }
     ws.expect_no_event(Duration::from_millis(200)).await;
+    // The reader was busy at times (writers skipped NOTIFY) and is waiting again now.
+    let metric = |text: &str, name: &str| -> i64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /metrics"))
+    };
+    let text = q
+        .http
+        .get(q.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let total = (BURSTS * WRITERS * PER_WRITER) as i64;
+    assert!(
+        metric(&text, "quill_notifications_total") < total,
+        "some writers skipped NOTIFY"
+    );
+    assert_eq!(metric(&text, "quill_reader_busy"), 0, "idle again: writers notify");
 }
 
 #[tokio::test]

@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use super::presence::Presence;
 use super::{Change, ChangeError, ChangeSource};
 use crate::event::{EventKind, Position};
+use crate::metrics::Metrics;
 
 /// How many changes one read returns at most, so a 100 000-row transaction streams through
 /// in bounded memory (the tick's seq list aside: 8 bytes a change).
@@ -175,7 +176,12 @@ pub struct LogReader {
 impl LogReader {
     /// Starts at the newest tick: changes committed before now are history, except those no
     /// tick covers yet, which arrive with the next one.
-    pub async fn start(pool: PgPool, wake: Arc<Notify>, poll: Duration) -> Result<Self, ChangeError> {
+    pub async fn start(
+        pool: PgPool,
+        wake: Arc<Notify>,
+        poll: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ChangeError> {
         let last_tick: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM quill.tick")
             .fetch_one(&pool)
             .await?;
@@ -186,7 +192,7 @@ impl LogReader {
             cursor: TickCursor::after(last_tick),
             eager: true,
             last_look: Instant::now(),
-            presence: Presence::new(),
+            presence: Presence::new(metrics),
         })
     }
 }

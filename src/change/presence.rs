@@ -5,9 +5,12 @@
 //! The lock lives on a session of its own, registered as a reader. If that session dies the
 //! lock goes with it and writers notify again, so losing it costs speed, never a change.
 
+use std::sync::Arc;
+
 use sqlx::{Connection, PgConnection, PgPool};
 
 use super::ChangeError;
+use crate::metrics::Metrics;
 
 /// The reader's registered session and whether it holds the reading lock.
 pub(super) struct Presence {
@@ -16,15 +19,22 @@ pub(super) struct Presence {
     /// The reading lock was let go (or lost) and the gate not yet passed: until it is, a
     /// writer that skipped its NOTIFY may still be committing.
     gate_owed: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl Presence {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             session: None,
             reading: false,
             gate_owed: false,
+            metrics,
         }
+    }
+
+    fn set_reading(&mut self, reading: bool) {
+        self.reading = reading;
+        self.metrics.reader_busy.set(i64::from(reading));
     }
 
     /// Whether the reader must pass the gate and look again before it may wait.
@@ -43,7 +53,7 @@ impl Presence {
             return;
         }
         match self.try_start(pool).await {
-            Ok(taken) => self.reading = taken,
+            Ok(taken) => self.set_reading(taken),
             Err(e) => {
                 tracing::debug!(error = %e, "cannot take the reading lock; writers keep notifying");
                 self.session = None;
@@ -66,7 +76,7 @@ impl Presence {
     /// not notify about is committed, and one more look at the log finds it.
     pub(super) async fn stop_reading(&mut self, pool: &PgPool) -> Result<(), ChangeError> {
         if self.reading {
-            self.reading = false;
+            self.set_reading(false);
             self.gate_owed = true;
             let released = match &mut self.session {
                 Some((conn, id)) => sqlx::query_scalar::<_, Option<bool>>("SELECT quill.stop_reading($1)")
