@@ -210,6 +210,36 @@ async fn bursts_from_concurrent_writers_are_delivered_without_the_poll_fallback(
     assert_eq!(metric(&text, "quill_reader_busy"), 0, "idle again: writers notify");
 }
 
+/// An idle quill registers itself, so that another instance being busy does not silence
+/// the writers it needs to hear from.
+#[tokio::test]
+async fn an_idle_quill_is_woken_while_another_reader_is_busy() {
+    let mut config = open_demo();
+    config.poll_interval_ms = 3_600_000;
+    let q = Quill::start_with(config).await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    let sql = q.sql().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM quill.reader")
+        .fetch_one(&sql)
+        .await
+        .expect("readers")
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "quill registers its reader when idle"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another instance, busy reading.
+    let (mut busy, id) = reader(&q.db).await;
+    assert!(call(&mut busy, "start_reading", id).await);
+    insert(&sql, "while another reads").await;
+    assert_eq!(ws.next_event().await["data"]["text"], "while another reads");
+}
+
 #[tokio::test]
 async fn the_readers_queries_stay_on_the_indexes_when_planned_on_a_small_log() {
     let (db, pool) = captured_db().await;

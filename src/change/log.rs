@@ -220,13 +220,15 @@ impl ChangeSource for LogReader {
                 if self.presence.reading() {
                     tokio::time::sleep_until(self.last_look + BUSY_POLL).await;
                 }
-            } else if self.presence.must_look_again() {
-                // Writers skipped their NOTIFY while we were reading: wait for them to commit
-                // and look once more before waiting.
-                self.presence.stop_reading(&self.pool).await?;
+            } else if self.presence.settle(&self.pool).await? {
+                // Writers may have skipped their NOTIFY (we were reading, or had just
+                // registered); the gate waited for them to commit: look once more.
             } else {
                 // A missed notification costs at most one poll interval, never a change.
-                let _ = tokio::time::timeout(self.poll, self.wake.notified()).await;
+                let notified = tokio::time::timeout(self.poll, self.wake.notified()).await.is_ok();
+                if !notified {
+                    self.presence.check().await;
+                }
             }
             self.last_look = Instant::now();
             let (changes, new_ticks) = match self.poll().await {
@@ -238,7 +240,7 @@ impl ChangeSource for LogReader {
             };
             if new_ticks && self.eager {
                 // New ticks twice in a row: busy, so writers need not wake us.
-                self.presence.start_reading(&self.pool).await;
+                self.presence.start_reading().await;
             }
             self.eager = new_ticks;
             if !changes.is_empty() {

@@ -2,8 +2,9 @@
 //! reader is busy it holds its "reading" lock, and writers skip their NOTIFY, which would
 //! otherwise make every capturing commit wait for a cluster-wide lock.
 //!
-//! The lock lives on a session of its own, registered as a reader. If that session dies the
-//! lock goes with it and writers notify again, so losing it costs speed, never a change.
+//! The lock lives on a session of its own, registered as a reader before the reader first
+//! waits. If that session dies, the lock goes with it and writers notify again, so losing
+//! it costs speed, never a change.
 
 use std::sync::Arc;
 
@@ -16,8 +17,9 @@ use crate::metrics::Metrics;
 pub(super) struct Presence {
     session: Option<(PgConnection, i32)>,
     reading: bool,
-    /// The reading lock was let go (or lost) and the gate not yet passed: until it is, a
-    /// writer that skipped its NOTIFY may still be committing.
+    /// The gate must be passed before the reader waits: it let the reading lock go (or lost
+    /// it), or it just registered, so a writer that skipped its NOTIFY (or did not see the
+    /// new registration) may still be committing.
     gate_owed: bool,
     metrics: Arc<Metrics>,
 }
@@ -37,47 +39,49 @@ impl Presence {
         self.metrics.reader_busy.set(i64::from(reading));
     }
 
-    /// Whether the reader must pass the gate and look again before it may wait.
-    pub(super) fn must_look_again(&self) -> bool {
-        self.reading || self.gate_owed
-    }
-
     pub(super) fn reading(&self) -> bool {
         self.reading
     }
 
     /// Takes the reading lock if writers let it; on any failure the reader simply stays
     /// notified, so errors are logged, not returned.
-    pub(super) async fn start_reading(&mut self, pool: &PgPool) {
+    pub(super) async fn start_reading(&mut self) {
+        let Some((conn, id)) = &mut self.session else {
+            return; // not registered yet: it registers before it first waits
+        };
         if self.reading {
             return;
         }
-        match self.try_start(pool).await {
+        match sqlx::query_scalar("SELECT quill.start_reading($1)")
+            .bind(*id)
+            .fetch_one(conn)
+            .await
+        {
             Ok(taken) => self.set_reading(taken),
             Err(e) => {
                 tracing::debug!(error = %e, "cannot take the reading lock; writers keep notifying");
-                self.session = None;
+                self.lose_session();
             }
         }
     }
 
-    async fn try_start(&mut self, pool: &PgPool) -> Result<bool, sqlx::Error> {
-        let (conn, id) = match &mut self.session {
-            Some(session) => session,
-            None => self.session.insert(register(pool).await?),
-        };
-        sqlx::query_scalar("SELECT quill.start_reading($1)")
-            .bind(*id)
-            .fetch_one(conn)
-            .await
-    }
-
-    /// Lets the reading lock go and passes the gate: afterwards every change a writer did
-    /// not notify about is committed, and one more look at the log finds it.
-    pub(super) async fn stop_reading(&mut self, pool: &PgPool) -> Result<(), ChangeError> {
+    /// Makes it safe to wait for a notification: registered, not reading, gate passed.
+    /// Returns true if that took a step after which the reader must look at the log once
+    /// more before it waits; false if it may wait now.
+    pub(super) async fn settle(&mut self, pool: &PgPool) -> Result<bool, ChangeError> {
+        let mut look_again = false;
+        if self.session.is_none() {
+            match register(pool).await {
+                Ok(session) => {
+                    self.session = Some(session);
+                    self.gate_owed = true;
+                }
+                // Unregistered, it may miss wake-ups while another quill reads; the poll
+                // interval bounds that. The next wait tries again.
+                Err(e) => tracing::warn!(error = %e, "cannot register the change reader"),
+            }
+        }
         if self.reading {
-            self.set_reading(false);
-            self.gate_owed = true;
             let released = match &mut self.session {
                 Some((conn, id)) => sqlx::query_scalar::<_, Option<bool>>("SELECT quill.stop_reading($1)")
                     .bind(*id)
@@ -89,17 +93,35 @@ impl Presence {
                 None => false,
             };
             if !released {
-                // Closing the session releases whatever it still holds.
-                if let Some((conn, _)) = self.session.take() {
-                    let _ = conn.close().await;
-                }
+                self.lose_session();
             }
+            self.set_reading(false);
+            self.gate_owed = true;
         }
         if self.gate_owed {
             sqlx::query("SELECT quill.pass_gate()").execute(pool).await?;
             self.gate_owed = false;
+            look_again = true;
         }
-        Ok(())
+        Ok(look_again)
+    }
+
+    /// After a wait that no notification ended: checks the session is still there (it may
+    /// have been closed while idle), so that the reader re-registers before it waits again.
+    pub(super) async fn check(&mut self) {
+        if let Some((conn, _)) = &mut self.session
+            && conn.ping().await.is_err()
+        {
+            tracing::warn!("the change reader's session was lost; registering again");
+            self.lose_session();
+        }
+    }
+
+    /// Drops the session; closing it releases whatever locks it still holds.
+    fn lose_session(&mut self) {
+        self.session = None;
+        self.set_reading(false);
+        self.gate_owed = true;
     }
 }
 
