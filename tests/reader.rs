@@ -193,15 +193,7 @@ async fn bursts_from_concurrent_writers_are_delivered_without_the_poll_fallback(
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
             .unwrap_or_else(|| panic!("{name} in /metrics"))
     };
-    let text = q
-        .http
-        .get(q.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = q.metrics().await;
     let total = (BURSTS * WRITERS * PER_WRITER) as i64;
     assert!(
         metric(&text, "quill_notifications_total") < total,

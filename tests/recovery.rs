@@ -122,15 +122,7 @@ async fn health_ready_and_metrics_report_the_feed() {
         .await
         .expect("insert");
     ws.events(3).await;
-    let text = q
-        .http
-        .get(q.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
+    let text = q.metrics().await;
     for line in [
         "quill_changes_read_total 3",
         "quill_events_delivered_total 3",
