@@ -1,77 +1,63 @@
 -- Wake-ups only for readers that wait. A NOTIFY takes one cluster-wide lock from the
 -- notifying transaction's pre-commit to the end of its commit, WAL flush included, so
 -- notifying writers commit one at a time: with 4 writers that alone halved the insert rate.
--- While a reader is busy reading it looks at the log again anyway, so writers skip the
+-- While every reader is busy reading it looks at the log again anyway, so writers skip the
 -- NOTIFY then.
 --
--- The protocol, with advisory locks (not rows: a writer's snapshot could be older than a
--- reader's update):
--- * Each reader registers a row here and holds its "alive" lock for its session's life.
--- * A busy reader holds its "reading" lock (session level).
--- * A writer takes the "gate" lock in shared mode, held until it commits, then notifies
---   unless every registered reader holds its reading lock.
--- * A reader that stops reading releases its lock, then passes the gate: it takes the gate
---   exclusively, which waits for every writer that might have skipped its NOTIFY to commit,
---   and then it looks at the log once more before it waits for a notification.
--- So a committed change is either in that last look or notifies. A stale row (its session
--- gone) holds no reading lock, so it only makes writers notify, as before.
+-- The protocol uses advisory locks only, no rows, so a writer's snapshot (REPEATABLE READ,
+-- or taken before a reader started) cannot hide a reader from it:
+-- * A running quill holds "alive" in shared mode on a session of its own. No quill of this
+--   kind running (or its session gone): writers notify, as they always did.
+-- * A reader that waits for notifications holds "waiting" in shared mode on that session;
+--   a busy reader lets it go.
+-- * A writer takes "gate" in shared mode, held until it commits, then notifies unless it
+--   finds "waiting" free.
+-- * A reader that is about to wait takes "waiting", then passes the gate: it tries to take
+--   "gate" exclusively, which succeeds only when every writer that might have skipped its
+--   NOTIFY has committed; until then it keeps looking at the log every few milliseconds.
+--   Only a try: a queued exclusive request would hold up every new writer behind a
+--   transaction left open. Once through, it looks at the log once more and waits.
+-- So a committed change is either in that last look or notifies.
+--
+-- Writers test a lock by taking it exclusively and letting go at once. Two writers testing
+-- at the same instant see each other: that costs a spurious NOTIFY, never a missing one.
 
-CREATE TABLE quill.reader (
-    id         integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    started_at timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-
--- The advisory lock keys: (class, reader id), a key space of its own.
+-- The advisory lock keys: (class, 0), a key space of its own.
 CREATE FUNCTION quill.lock_class(name text) RETURNS integer
 LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext('quill.' || name) $$;
 
--- Registers the calling session as a reader; returns its id. Deletes the rows of readers
--- whose session is gone (their alive lock is free).
-CREATE FUNCTION quill.register_reader() RETURNS integer
+-- The reader's side. Each returns false if the lock is not to be had right now.
+CREATE FUNCTION quill.hold_alive() RETURNS boolean
+LANGUAGE sql AS $$ SELECT pg_try_advisory_lock_shared(quill.lock_class('alive'), 0) $$;
+
+CREATE FUNCTION quill.start_waiting() RETURNS boolean
+LANGUAGE sql AS $$ SELECT pg_try_advisory_lock_shared(quill.lock_class('waiting'), 0) $$;
+
+CREATE FUNCTION quill.stop_waiting() RETURNS boolean
+LANGUAGE sql AS $$ SELECT pg_advisory_unlock_shared(quill.lock_class('waiting'), 0) $$;
+
+-- Run it in a transaction of its own: the lock, if taken, goes with that transaction.
+CREATE FUNCTION quill.pass_gate() RETURNS boolean
+LANGUAGE sql AS $$ SELECT pg_try_advisory_xact_lock(quill.lock_class('gate'), 0) $$;
+
+-- True if nobody holds `class` (tested without keeping it).
+CREATE FUNCTION quill.lock_free(class integer) RETURNS boolean
 LANGUAGE plpgsql AS $$
-DECLARE
-    me integer;
 BEGIN
-    DELETE FROM quill.reader r WHERE pg_try_advisory_xact_lock(quill.lock_class('alive'), r.id);
-    INSERT INTO quill.reader DEFAULT VALUES RETURNING id INTO me;
-    PERFORM pg_advisory_lock(quill.lock_class('alive'), me);
-    RETURN me;
+    IF pg_try_advisory_lock(class, 0) THEN
+        PERFORM pg_advisory_unlock(class, 0);
+        RETURN true;
+    END IF;
+    RETURN false;
 END
 $$;
-
--- Called by a busy reader on its registered session; false if writers hold it off.
-CREATE FUNCTION quill.start_reading(reader integer) RETURNS boolean
-LANGUAGE sql AS $$ SELECT pg_try_advisory_lock(quill.lock_class('reading'), reader) $$;
-
--- Called on the same session before the reader waits; then pass_gate().
-CREATE FUNCTION quill.stop_reading(reader integer) RETURNS boolean
-LANGUAGE sql AS $$ SELECT pg_advisory_unlock(quill.lock_class('reading'), reader) $$;
-
--- Returns once every transaction that may have skipped its NOTIFY has ended. Run it in its
--- own transaction: the lock is released at its end.
-CREATE FUNCTION quill.pass_gate() RETURNS void
-LANGUAGE sql AS $$ SELECT pg_advisory_xact_lock(quill.lock_class('gate'), 0) $$;
 
 -- The writer's side, once per captured statement.
 CREATE FUNCTION quill.wake_readers() RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    reader integer;
-    reading integer := quill.lock_class('reading');
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(quill.lock_class('gate'), 0);
-    FOR reader IN SELECT r.id FROM quill.reader r LOOP
-        -- Free means that reader is not reading: test it without keeping it, or a reader
-        -- could never start reading while writers keep coming.
-        IF pg_try_advisory_lock_shared(reading, reader) THEN
-            PERFORM pg_advisory_unlock_shared(reading, reader);
-            PERFORM pg_notify('quill_change', '');
-            RETURN;
-        END IF;
-    END LOOP;
-    -- Every reader reads, or none is registered: then notify, for the reader of an older
-    -- quill that does not register. (After a FOR loop, FOUND says whether it had a row.)
-    IF NOT FOUND THEN
+    IF quill.lock_free(quill.lock_class('alive')) OR NOT quill.lock_free(quill.lock_class('waiting')) THEN
         PERFORM pg_notify('quill_change', '');
     END IF;
 END

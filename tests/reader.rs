@@ -1,6 +1,6 @@
-//! The change reader's database side: quiet wake-ups (writers skip NOTIFY while every reader
-//! is busy reading; see `migrations/*_quiet_wakeups.sql`) and the reader's queries staying on
-//! the log's indexes.
+//! The change reader's database side: quiet wake-ups (writers skip NOTIFY while no reader
+//! waits; see `migrations/*_quiet_wakeups.sql`) and the reader's queries staying on the
+//! log's indexes.
 
 use std::time::Duration;
 
@@ -24,19 +24,13 @@ async fn insert(pool: &PgPool, text: &str) {
         .expect("insert");
 }
 
-/// A registered reader on a session of its own.
-async fn reader(db: &TestDb) -> (PgConnection, i32) {
-    let mut conn = PgConnection::connect(&db.url).await.expect("connect");
-    let id = sqlx::query_scalar("SELECT quill.register_reader()")
-        .fetch_one(&mut conn)
-        .await
-        .expect("register");
-    (conn, id)
+/// A reader's own session, as quill keeps one.
+async fn session(db: &TestDb) -> PgConnection {
+    PgConnection::connect(&db.url).await.expect("connect")
 }
 
-async fn call(conn: &mut PgConnection, function: &str, id: i32) -> bool {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT quill.{function}($1)")))
-        .bind(id)
+async fn call(conn: &mut PgConnection, function: &str) -> bool {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT quill.{function}()")))
         .fetch_one(conn)
         .await
         .expect(function)
@@ -60,94 +54,88 @@ async fn notified(listener: &mut PgListener, within: Duration) -> bool {
 }
 
 #[tokio::test]
-async fn writers_skip_notify_only_while_every_registered_reader_is_reading() {
+async fn writers_skip_notify_only_while_quill_runs_and_no_reader_waits() {
     let (db, pool) = captured_db().await;
     let mut listener = PgListener::connect(&db.url).await.expect("listener");
     listener.listen("quill_change").await.expect("listen");
 
-    insert(&pool, "no reader registered").await;
-    assert!(notified(&mut listener, WAIT).await, "without readers, writers notify");
-
-    let (mut first, first_id) = reader(&db).await;
-    insert(&pool, "registered, waiting").await;
-    assert!(notified(&mut listener, WAIT).await, "a waiting reader is woken");
-
-    assert!(call(&mut first, "start_reading", first_id).await);
-    insert(&pool, "the only reader reads").await;
-    assert!(!notified(&mut listener, Duration::from_millis(300)).await);
-
-    let (mut second, second_id) = reader(&db).await;
-    insert(&pool, "one of two reads").await;
-    assert!(notified(&mut listener, WAIT).await, "the waiting one is woken");
-    assert!(call(&mut second, "start_reading", second_id).await);
-    insert(&pool, "both read").await;
-    assert!(!notified(&mut listener, Duration::from_millis(300)).await);
-
-    // A reader whose session ends loses its lock with it: writers notify again.
-    second.close().await.expect("close");
-    insert(&pool, "second gone").await;
+    insert(&pool, "no quill running").await;
     assert!(
         notified(&mut listener, WAIT).await,
-        "a gone reader's row must not silence writers"
+        "without quill, writers notify as always"
     );
 
-    assert!(call(&mut first, "stop_reading", first_id).await);
-    insert(&pool, "first stopped").await;
-    assert!(notified(&mut listener, WAIT).await);
+    let mut first = session(&db).await;
+    assert!(call(&mut first, "hold_alive").await);
+    insert(&pool, "one reader, busy").await;
+    assert!(!notified(&mut listener, Duration::from_millis(300)).await);
+
+    assert!(call(&mut first, "start_waiting").await);
+    insert(&pool, "one reader, waiting").await;
+    assert!(notified(&mut listener, WAIT).await, "a waiting reader is woken");
+
+    let mut second = session(&db).await;
+    assert!(call(&mut second, "hold_alive").await);
+    insert(&pool, "one busy, one waiting").await;
+    assert!(notified(&mut listener, WAIT).await, "the waiting one is woken");
+    assert!(call(&mut first, "stop_waiting").await);
+    insert(&pool, "both busy").await;
+    assert!(!notified(&mut listener, Duration::from_millis(300)).await);
+
+    // Sessions that end take their locks along: with no quill alive, writers notify.
+    first.close().await.expect("close");
+    insert(&pool, "one left, busy").await;
+    assert!(!notified(&mut listener, Duration::from_millis(300)).await);
+    second.close().await.expect("close");
+    insert(&pool, "none left").await;
+    assert!(
+        notified(&mut listener, WAIT).await,
+        "a gone quill must not silence writers"
+    );
 }
 
 #[tokio::test]
-async fn a_reader_that_stops_reading_waits_at_the_gate_for_writers_that_skipped_notify() {
+async fn the_gate_opens_only_when_writers_that_skipped_notify_committed_and_blocks_nobody() {
     let (db, pool) = captured_db().await;
-    let (mut me, id) = reader(&db).await;
-    assert!(call(&mut me, "start_reading", id).await);
-    // A writer runs its trigger while we read (so skips its NOTIFY) and commits late.
+    let mut me = session(&db).await;
+    assert!(call(&mut me, "hold_alive").await);
+    // A writer runs its trigger while we are busy (so skips its NOTIFY) and commits late.
     let mut writer = pool.begin().await.expect("begin");
     sqlx::query("INSERT INTO messages (text) VALUES ('late')")
         .execute(&mut *writer)
         .await
         .expect("insert");
-    assert!(call(&mut me, "stop_reading", id).await);
-    let gate_pool = pool.clone();
-    let mut gate = tokio::spawn(async move {
-        sqlx::query("SELECT quill.pass_gate()")
-            .execute(&gate_pool)
-            .await
-            .expect("pass the gate")
-    });
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), &mut gate)
-            .await
-            .is_err(),
-        "the gate must hold the reader until the writer commits"
-    );
+    assert!(call(&mut me, "start_waiting").await);
+    assert!(!call(&mut me, "pass_gate").await, "the late writer has not committed");
+    // Trying the gate queues nothing: other writers go on meanwhile.
+    tokio::time::timeout(WAIT, insert(&pool, "meanwhile"))
+        .await
+        .expect("a writer is not held up by the reader at the gate");
+    assert!(!call(&mut me, "pass_gate").await);
     writer.commit().await.expect("commit");
-    tokio::time::timeout(WAIT, gate)
-        .await
-        .expect("the gate opens once the writer committed")
-        .expect("gate task");
-    // What the reader's last look then finds: the late change, in a new tick.
-    let tick: Option<i64> = sqlx::query_scalar("SELECT quill.make_tick()")
-        .fetch_one(&pool)
-        .await
-        .expect("tick");
-    assert!(tick.is_some(), "the late change is committed and makes a tick");
+    assert!(call(&mut me, "pass_gate").await, "open once the writer committed");
 }
 
+/// An idle quill holds "waiting", so that another instance being busy does not silence
+/// the writers it needs to hear from.
 #[tokio::test]
-async fn registering_a_reader_removes_the_rows_of_readers_whose_session_ended() {
-    let (db, pool) = captured_db().await;
-    let (gone, gone_id) = reader(&db).await;
-    let (_alive, alive_id) = reader(&db).await;
-    gone.close().await.expect("close");
-    let (_new, new_id) = reader(&db).await;
-    let mut ids: Vec<i32> = sqlx::query_scalar("SELECT id FROM quill.reader ORDER BY id")
-        .fetch_all(&pool)
-        .await
-        .expect("readers");
-    ids.sort_unstable();
-    assert!(!ids.contains(&gone_id), "{ids:?}");
-    assert_eq!(ids, vec![alive_id, new_id]);
+async fn an_idle_quill_is_woken_while_another_reader_is_busy() {
+    let mut config = open_demo();
+    config.poll_interval_ms = 3_600_000;
+    let q = Quill::start_with(config).await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    let sql = q.sql().await;
+    // Another instance, alive and busy.
+    let mut busy = session(&q.db).await;
+    assert!(call(&mut busy, "hold_alive").await);
+    for i in 0..5 {
+        // Idle long enough for quill to have settled into waiting.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = format!("while another reads {i}");
+        insert(&sql, &text).await;
+        assert_eq!(ws.next_event().await["data"]["text"], text.as_str());
+    }
 }
 
 /// With the poll fallback an hour away, every change must arrive through a notification or
@@ -200,36 +188,6 @@ async fn bursts_from_concurrent_writers_are_delivered_without_the_poll_fallback(
         "some writers skipped NOTIFY"
     );
     assert_eq!(metric(&text, "quill_reader_busy"), 0, "idle again: writers notify");
-}
-
-/// An idle quill registers itself, so that another instance being busy does not silence
-/// the writers it needs to hear from.
-#[tokio::test]
-async fn an_idle_quill_is_woken_while_another_reader_is_busy() {
-    let mut config = open_demo();
-    config.poll_interval_ms = 3_600_000;
-    let q = Quill::start_with(config).await;
-    let mut ws = q.ws().await;
-    ws.subscribe("messages").await;
-    let sql = q.sql().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM quill.reader")
-        .fetch_one(&sql)
-        .await
-        .expect("readers")
-        == 0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "quill registers its reader when idle"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Another instance, busy reading.
-    let (mut busy, id) = reader(&q.db).await;
-    assert!(call(&mut busy, "start_reading", id).await);
-    insert(&sql, "while another reads").await;
-    assert_eq!(ws.next_event().await["data"]["text"], "while another reads");
 }
 
 #[tokio::test]

@@ -70,6 +70,8 @@ async fn quill_rides_out_a_postgres_restart_and_loses_no_change() {
     assert_eq!(reply["error"]["code"], 503, "{reply}");
 
     let cluster = start_cluster(dir.clone(), port).await;
+    // Ready again without any new write: the reader reads, even with nothing to deliver.
+    wait_for_ready_status(&q, 200).await;
     let sql = PgPool::connect(&url).await.expect("sql after restart");
     insert_messages(&sql, 150, 200).await;
     let texts: Vec<String> = ws

@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 use tokio::sync::Notify;
 
-use super::presence::Presence;
+use super::presence::{Presence, Settled};
 use super::{Change, ChangeError, ChangeSource};
 use crate::event::{EventKind, Position};
 use crate::metrics::Metrics;
@@ -171,6 +171,7 @@ pub struct LogReader {
     /// When the reader last looked for new ticks.
     last_look: Instant,
     presence: Presence,
+    metrics: Arc<Metrics>,
 }
 
 impl LogReader {
@@ -192,7 +193,8 @@ impl LogReader {
             cursor: TickCursor::after(last_tick),
             eager: true,
             last_look: Instant::now(),
-            presence: Presence::new(metrics),
+            presence: Presence::new(metrics.clone()),
+            metrics,
         })
     }
 }
@@ -217,20 +219,31 @@ impl ChangeSource for LogReader {
                 Err(e) => return Err(e),
             }
             if self.eager {
-                if self.presence.reading() {
+                if self.presence.busy() {
                     tokio::time::sleep_until(self.last_look + BUSY_POLL).await;
                 }
-            } else if self.presence.settle(&self.pool).await? {
-                // Writers may have skipped their NOTIFY (we were reading, or had just
-                // registered); the gate waited for them to commit: look once more.
             } else {
-                // A missed notification costs at most one poll interval, never a change.
-                let notified = tokio::time::timeout(self.poll, self.wake.notified()).await.is_ok();
-                if !notified {
-                    self.presence.check().await;
+                match self.presence.settle(&self.pool).await {
+                    // Every writer that may have skipped its NOTIFY has committed.
+                    Settled::LookAgain => {}
+                    // Some have not: keep looking until they have.
+                    Settled::Pending(within) => {
+                        let _ = tokio::time::timeout(within, self.wake.notified()).await;
+                    }
+                    Settled::Wait => {
+                        // A missed notification costs at most one poll interval, never a change.
+                        let notified = tokio::time::timeout(self.poll, self.wake.notified()).await.is_ok();
+                        if !notified {
+                            self.presence.check().await;
+                        }
+                    }
                 }
             }
             self.last_look = Instant::now();
+            let busy_before = self.eager;
+            // Until a look succeeds, the next call looks before it waits: a look that failed
+            // may have been the one owed to writers that skipped their NOTIFY.
+            self.eager = true;
             let (changes, new_ticks) = match self.poll().await {
                 Err(e) if e.is_pruned() => {
                     self.skip_pruned().await?;
@@ -238,9 +251,11 @@ impl ChangeSource for LogReader {
                 }
                 polled => polled?,
             };
-            if new_ticks && self.eager {
+            // Reading works (again): the pipeline only hears of non-empty batches.
+            self.metrics.reader_up.set(1);
+            if new_ticks && busy_before {
                 // New ticks twice in a row: busy, so writers need not wake us.
-                self.presence.start_reading().await;
+                self.presence.start_busy().await;
             }
             self.eager = new_ticks;
             if !changes.is_empty() {

@@ -1,26 +1,42 @@
 //! The reader's side of quiet wake-ups (see `migrations/*_quiet_wakeups.sql`): while the
-//! reader is busy it holds its "reading" lock, and writers skip their NOTIFY, which would
-//! otherwise make every capturing commit wait for a cluster-wide lock.
+//! reader waits for notifications it holds the "waiting" lock; while it is busy it lets it
+//! go, and writers skip their NOTIFY, which would otherwise make every capturing commit wait
+//! for a cluster-wide lock.
 //!
-//! The lock lives on a session of its own, registered as a reader before the reader first
-//! waits. If that session dies, the lock goes with it and writers notify again, so losing
-//! it costs speed, never a change.
+//! The locks live on a session of its own. If that session dies they go with it: writers
+//! notify again (no quill "alive"), so losing it costs speed, never a change.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::{Connection, PgConnection, PgPool};
 
-use super::ChangeError;
 use crate::metrics::Metrics;
 
-/// The reader's registered session and whether it holds the reading lock.
+/// How long the reader waits before it looks again while writers that may have skipped
+/// their NOTIFY are still open: doubling from the first to the last.
+const PENDING_FIRST: Duration = Duration::from_millis(1);
+const PENDING_LAST: Duration = Duration::from_millis(50);
+
+/// What the reader may do next, after [`Presence::settle`].
+pub(super) enum Settled {
+    /// Wait for a notification (or the poll interval).
+    Wait,
+    /// Look at the log once more, now.
+    LookAgain,
+    /// Some writer may still commit without a NOTIFY: look again within this long.
+    Pending(Duration),
+}
+
 pub(super) struct Presence {
-    session: Option<(PgConnection, i32)>,
-    reading: bool,
-    /// The gate must be passed before the reader waits: it let the reading lock go (or lost
-    /// it), or it just registered, so a writer that skipped its NOTIFY (or did not see the
-    /// new registration) may still be committing.
+    session: Option<PgConnection>,
+    /// Holds "alive": writers know a quill of this kind runs.
+    alive: bool,
+    /// Holds "waiting": writers notify.
+    waiting: bool,
+    /// Took "waiting" but has not passed the gate since.
     gate_owed: bool,
+    pending: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -28,108 +44,123 @@ impl Presence {
     pub(super) fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             session: None,
-            reading: false,
+            alive: false,
+            waiting: false,
             gate_owed: false,
+            pending: PENDING_FIRST,
             metrics,
         }
     }
 
-    fn set_reading(&mut self, reading: bool) {
-        self.reading = reading;
-        self.metrics.reader_busy.set(i64::from(reading));
+    /// Whether writers may be skipping their NOTIFY because of this reader.
+    pub(super) fn busy(&self) -> bool {
+        self.alive && !self.waiting
     }
 
-    pub(super) fn reading(&self) -> bool {
-        self.reading
-    }
-
-    /// Takes the reading lock if writers let it; on any failure the reader simply stays
-    /// notified, so errors are logged, not returned.
-    pub(super) async fn start_reading(&mut self) {
-        let Some((conn, id)) = &mut self.session else {
-            return; // not registered yet: it registers before it first waits
+    /// Lets writers skip their NOTIFY: the reader is busy and looks at the log anyway.
+    pub(super) async fn start_busy(&mut self) {
+        let Some(conn) = &mut self.session else {
+            return;
         };
-        if self.reading {
+        if !self.waiting {
             return;
         }
-        match sqlx::query_scalar("SELECT quill.start_reading($1)")
-            .bind(*id)
+        let released = sqlx::query_scalar::<_, Option<bool>>("SELECT quill.stop_waiting()")
             .fetch_one(conn)
-            .await
-        {
-            Ok(taken) => self.set_reading(taken),
+            .await;
+        match released {
+            Ok(_) => {
+                self.waiting = false;
+                self.show();
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "cannot take the reading lock; writers keep notifying");
+                tracing::debug!(error = %e, "the change reader's session failed");
                 self.lose_session();
             }
         }
     }
 
-    /// Makes it safe to wait for a notification: registered, not reading, gate passed.
-    /// Returns true if that took a step after which the reader must look at the log once
-    /// more before it waits; false if it may wait now.
-    pub(super) async fn settle(&mut self, pool: &PgPool) -> Result<bool, ChangeError> {
-        let mut look_again = false;
-        if self.session.is_none() {
-            match register(pool).await {
-                Ok(session) => {
-                    self.session = Some(session);
-                    self.gate_owed = true;
-                }
-                // Unregistered, it may miss wake-ups while another quill reads; the poll
-                // interval bounds that. The next wait tries again.
-                Err(e) => tracing::warn!(error = %e, "cannot register the change reader"),
+    /// Makes it safe to wait for a notification: alive, waiting, and through the gate. A
+    /// database error only means more looking: the session is dropped (its locks with it,
+    /// so writers notify) and the next settle opens another.
+    pub(super) async fn settle(&mut self, pool: &PgPool) -> Settled {
+        let settled = self.try_settle(pool).await;
+        self.show();
+        match settled {
+            Ok(Some(next)) => {
+                self.pending = PENDING_FIRST;
+                next
+            }
+            Ok(None) => self.pending(),
+            Err(e) => {
+                tracing::debug!(error = %e, "the change reader's session failed");
+                self.lose_session();
+                self.pending()
             }
         }
-        if self.reading {
-            let released = match &mut self.session {
-                Some((conn, id)) => sqlx::query_scalar::<_, Option<bool>>("SELECT quill.stop_reading($1)")
-                    .bind(*id)
-                    .fetch_one(conn)
-                    .await
-                    .ok()
-                    .flatten()
-                    .unwrap_or(false),
-                None => false,
-            };
-            if !released {
-                self.lose_session();
+    }
+
+    fn pending(&mut self) -> Settled {
+        let wait = self.pending;
+        self.pending = (self.pending * 2).min(PENDING_LAST);
+        Settled::Pending(wait)
+    }
+
+    /// `None` while the lock it needs is not to be had yet.
+    async fn try_settle(&mut self, pool: &PgPool) -> Result<Option<Settled>, sqlx::Error> {
+        let conn = match &mut self.session {
+            Some(conn) => conn,
+            None => self.session.insert(pool.acquire().await?.detach()),
+        };
+        if !self.alive {
+            self.alive = sqlx::query_scalar("SELECT quill.hold_alive()")
+                .fetch_one(&mut *conn)
+                .await?;
+        }
+        if !self.waiting {
+            let taken: bool = sqlx::query_scalar("SELECT quill.start_waiting()")
+                .fetch_one(&mut *conn)
+                .await?;
+            if !taken {
+                return Ok(None);
             }
-            self.set_reading(false);
+            self.waiting = true;
             self.gate_owed = true;
         }
         if self.gate_owed {
-            sqlx::query("SELECT quill.pass_gate()").execute(pool).await?;
+            let passed: bool = sqlx::query_scalar("SELECT quill.pass_gate()")
+                .fetch_one(&mut *conn)
+                .await?;
+            if !passed {
+                return Ok(None);
+            }
             self.gate_owed = false;
-            look_again = true;
+            return Ok(Some(Settled::LookAgain));
         }
-        Ok(look_again)
+        Ok(Some(Settled::Wait))
     }
 
     /// After a wait that no notification ended: checks the session is still there (it may
-    /// have been closed while idle), so that the reader re-registers before it waits again.
+    /// have been closed while idle), so that the next wait starts on a new one.
     pub(super) async fn check(&mut self) {
-        if let Some((conn, _)) = &mut self.session
+        if let Some(conn) = &mut self.session
             && conn.ping().await.is_err()
         {
-            tracing::warn!("the change reader's session was lost; registering again");
+            tracing::warn!("the change reader's session was lost; opening another");
             self.lose_session();
         }
     }
 
-    /// Drops the session; closing it releases whatever locks it still holds.
+    /// Drops the session; its locks go with it.
     fn lose_session(&mut self) {
         self.session = None;
-        self.set_reading(false);
-        self.gate_owed = true;
+        self.alive = false;
+        self.waiting = false;
+        self.gate_owed = false;
+        self.show();
     }
-}
 
-/// A session of its own (taken out of the pool), registered as a reader.
-async fn register(pool: &PgPool) -> Result<(PgConnection, i32), sqlx::Error> {
-    let mut conn = pool.acquire().await?.detach();
-    let id: i32 = sqlx::query_scalar("SELECT quill.register_reader()")
-        .fetch_one(&mut conn)
-        .await?;
-    Ok((conn, id))
+    fn show(&self) {
+        self.metrics.reader_busy.set(i64::from(self.busy()));
+    }
 }
