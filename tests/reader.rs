@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::support::{Quill, WAIT, open_demo, pg::TestDb};
+use crate::support::{Quill, WAIT, Ws, open_demo, pg::TestDb};
 
 /// A migrated database with capture on `messages` and no quill running.
 async fn captured_db() -> (TestDb, PgPool) {
@@ -41,6 +41,18 @@ async fn last_tick(conn: &mut PgConnection) -> i64 {
         .fetch_one(conn)
         .await
         .expect("last tick")
+}
+
+/// quill with its poll fallback an hour away (so every change must come through a
+/// notification or the reader's own looks), a subscriber of `messages`, and a SQL pool.
+async fn quill_without_poll_fallback() -> (Quill, Ws, PgPool) {
+    let mut config = open_demo();
+    config.poll_interval_ms = 3_600_000;
+    let q = Quill::start_with(config).await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    let sql = q.sql().await;
+    (q, ws, sql)
 }
 
 async fn notified(listener: &mut PgListener, within: Duration) -> bool {
@@ -120,12 +132,7 @@ async fn the_gate_opens_only_when_writers_that_skipped_notify_committed_and_bloc
 /// the writers it needs to hear from.
 #[tokio::test]
 async fn an_idle_quill_is_woken_while_another_reader_is_busy() {
-    let mut config = open_demo();
-    config.poll_interval_ms = 3_600_000;
-    let q = Quill::start_with(config).await;
-    let mut ws = q.ws().await;
-    ws.subscribe("messages").await;
-    let sql = q.sql().await;
+    let (q, mut ws, sql) = quill_without_poll_fallback().await;
     // Another instance, alive and busy.
     let mut busy = session(&q.db).await;
     assert!(call(&mut busy, "hold_alive").await);
@@ -146,12 +153,7 @@ async fn bursts_from_concurrent_writers_are_delivered_without_the_poll_fallback(
     const WRITERS: usize = 4;
     const PER_WRITER: usize = 40;
     const BURSTS: usize = 15;
-    let mut config = open_demo();
-    config.poll_interval_ms = 3_600_000;
-    let q = Quill::start_with(config).await;
-    let mut ws = q.ws().await;
-    ws.subscribe("messages").await;
-    let sql = q.sql().await;
+    let (q, mut ws, sql) = quill_without_poll_fallback().await;
     for burst in 0..BURSTS {
         let mut writers = tokio::task::JoinSet::new();
         for writer in 0..WRITERS {
