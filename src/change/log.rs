@@ -7,12 +7,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use serde_json::Value;
 use sqlx::PgPool;
 use sqlx::types::Json;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::presence::{Presence, Settled};
 use super::{Change, ChangeError, ChangeSource};
