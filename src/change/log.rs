@@ -269,13 +269,24 @@ impl LogReader {
     /// changes, in one round trip. Ticks too big for one page are queued on the cursor.
     /// Returns the changes read and whether there were new ticks.
     async fn poll(&mut self) -> Result<(Vec<Change>, bool), ChangeError> {
-        let rows: Vec<Polled> = sqlx::query_as(
+        let query = sqlx::query_as::<_, Polled>(
             "SELECT prev, tick, read_later, seq, table_schema, table_name, kind, row_data FROM quill.poll($1, $2)",
         )
         .bind(self.cursor.last_tick)
-        .bind(PAGE as i32)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(PAGE as i32);
+        // On the reader's own session when it has one: a pooled connection costs a ping
+        // round trip each time it goes back to the pool, and the reader looks up to 1000
+        // times a second.
+        let rows = match self.presence.session() {
+            Some(conn) => {
+                let rows = query.fetch_all(conn).await;
+                if rows.is_err() {
+                    self.presence.lose_session();
+                }
+                rows?
+            }
+            None => query.fetch_all(&self.pool).await?,
+        };
         let mut changes = Vec::with_capacity(rows.len());
         let mut later = Vec::new();
         let mut newest = None;

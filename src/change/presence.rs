@@ -151,8 +151,13 @@ impl Presence {
         }
     }
 
+    /// The reader's own session, for its looks at the log.
+    pub(super) fn session(&mut self) -> Option<&mut PgConnection> {
+        self.session.as_mut()
+    }
+
     /// Drops the session; its locks go with it.
-    fn lose_session(&mut self) {
+    pub(super) fn lose_session(&mut self) {
         self.session = None;
         self.alive = false;
         self.waiting = false;
