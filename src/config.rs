@@ -58,6 +58,9 @@ pub struct Config {
     /// How long the change log keeps changes for clients resuming with `since`.
     #[serde(default)]
     pub retention: Retention,
+    /// What one connection, one client address and the whole process may use.
+    #[serde(default)]
+    pub limits: Limits,
     /// Authentication; without it only `public` rules can ever grant.
     #[serde(default)]
     pub authentication: Option<AuthConfig>,
@@ -103,6 +106,60 @@ fn default_max_events() -> u64 {
 }
 fn default_prune_interval() -> u64 {
     60
+}
+
+/// Per-connection and per-process limits. Connections are WebSockets at `/ws` and
+/// socket.io sockets; REST requests are bounded by the pool and `handshake_timeout_ms`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Calls one connection may have in flight; past it quill stops reading its socket
+    /// until one finishes, so a client that writes without reading cannot grow memory.
+    pub calls_in_flight: usize,
+    /// Connections the process serves at once; more are refused (HTTP 503).
+    pub max_connections: usize,
+    /// Connections one client address may hold; more are refused (HTTP 429).
+    pub connections_per_address: usize,
+    /// How often quill pings an idle WebSocket.
+    pub ping_interval_ms: u64,
+    /// A WebSocket that sends nothing (not even a pong) for this long is closed (4009).
+    pub idle_timeout_ms: u64,
+    /// A write to a socket that takes longer than this cuts the connection off (4008).
+    pub write_timeout_ms: u64,
+    /// How long a client may take to send its HTTP request headers (the upgrade too).
+    pub handshake_timeout_ms: u64,
+    /// The most changes one resume with `since` may replay; further behind gets `Gone`.
+    pub max_replay_changes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            calls_in_flight: 32,
+            max_connections: 100_000,
+            connections_per_address: 1_000,
+            ping_interval_ms: 20_000,
+            idle_timeout_ms: 60_000,
+            write_timeout_ms: 10_000,
+            handshake_timeout_ms: 10_000,
+            max_replay_changes: 1_000_000,
+        }
+    }
+}
+
+impl Limits {
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
 }
 
 /// One service: a table exposed through the Feathers methods.
@@ -392,6 +449,7 @@ impl Default for Config {
             slow_consumer_timeout_ms: default_slow_consumer_timeout_ms(),
             poll_interval_ms: default_poll_interval_ms(),
             retention: Retention::default(),
+            limits: Limits::default(),
             authentication: None,
             demo_tables: false,
             services: BTreeMap::new(),
@@ -439,6 +497,23 @@ impl Config {
         if self.retention.max_events == 0 || self.retention.prune_interval_seconds == 0 {
             return Err(ConfigError::Invalid(
                 "retention: max_events and prune_interval_seconds must be at least 1".into(),
+            ));
+        }
+        let l = &self.limits;
+        if l.calls_in_flight == 0
+            || l.max_connections == 0
+            || l.connections_per_address == 0
+            || l.ping_interval_ms == 0
+            || l.write_timeout_ms == 0
+            || l.handshake_timeout_ms == 0
+        {
+            return Err(ConfigError::Invalid(
+                "limits: calls_in_flight, max_connections, connections_per_address, ping_interval_ms, write_timeout_ms and handshake_timeout_ms must be at least 1".into(),
+            ));
+        }
+        if l.idle_timeout_ms <= l.ping_interval_ms {
+            return Err(ConfigError::Invalid(
+                "limits: idle_timeout_ms must be longer than ping_interval_ms".into(),
             ));
         }
         if self.pool_size == 0 {

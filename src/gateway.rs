@@ -3,12 +3,10 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
@@ -25,7 +23,8 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::pipeline;
 use crate::service::{ServiceExtensions, Services, SetupError};
-use crate::transport::{AppState, router};
+use crate::transport::limits::ConnectionLimiter;
+use crate::transport::{self, AppState, router};
 
 /// How long shutdown waits for tasks and sockets before giving up.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -41,8 +40,6 @@ pub enum GatewayError {
     Setup(#[from] SetupError),
     #[error("cannot read the change log")]
     ChangeLog(#[from] ChangeError),
-    #[error("HTTP server failed")]
-    Serve(#[source] std::io::Error),
 }
 
 /// Connects a pool and runs the migrations (the demo tables too when configured).
@@ -142,6 +139,8 @@ pub async fn run_with(
     tracker.spawn(run_listener(database_url, wake.clone(), metrics.clone(), token.clone()));
     let reader = LogReader::start(pool.clone(), wake, config.poll_interval(), metrics.clone()).await?;
     metrics.delivered_tick.set(reader.position());
+    // Resumes replay up to the tick live delivery starts from.
+    hub.begin_tick(reader.position());
     metrics.reader_up.set(1);
     tracker.spawn(pipeline::deliver(
         reader,
@@ -159,6 +158,8 @@ pub async fn run_with(
         hub,
         metrics,
         outgoing_queue: config.outgoing_queue,
+        limits: config.limits,
+        connections: ConnectionLimiter::new(&config.limits),
         shutdown: token.clone(),
     };
     let app = router(state);
@@ -170,20 +171,12 @@ pub async fn run_with(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "quill is serving");
     }
-    // Events are small frames that must leave at once: no Nagle delay.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(token.clone().cancelled_owned())
-        .await;
+    transport::serve(listener, app, config.limits.handshake_timeout(), token.clone()).await;
     token.cancel();
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
         tracing::warn!("background tasks did not stop in time");
     }
     pool.close().await;
-    served.map_err(GatewayError::Serve)
+    Ok(())
 }

@@ -31,6 +31,7 @@ pub mod gateway;
 pub mod hub;
 pub mod metrics;
 pub mod pipeline;
+pub mod resume;
 pub mod service;
 pub mod store;
 pub mod transport;

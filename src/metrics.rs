@@ -37,6 +37,15 @@ pub struct Metrics {
     pub lag_seconds: Gauge<f64, AtomicU64>,
     /// `pg_notification_queue_usage()`: at 1.0 every notifying commit fails.
     pub notify_queue_usage: Gauge<f64, AtomicU64>,
+    /// Calls running on behalf of WebSocket connections.
+    pub calls_in_flight: Gauge,
+    /// WebSocket and socket.io connections refused by the connection limits.
+    pub connections_refused: Counter,
+    /// Times the reader found changes missing from the log (pruned before it read them).
+    pub change_log_gaps: Counter,
+    /// Unix time of the last gap (0: none since start); `/ready` is not ready for a while
+    /// after one.
+    pub last_gap_unix: Gauge,
 }
 
 impl Default for Metrics {
@@ -57,6 +66,10 @@ impl Default for Metrics {
             lag_events: Gauge::default(),
             lag_seconds: Gauge::default(),
             notify_queue_usage: Gauge::default(),
+            calls_in_flight: Gauge::default(),
+            connections_refused: Counter::default(),
+            change_log_gaps: Counter::default(),
+            last_gap_unix: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -120,6 +133,26 @@ impl Default for Metrics {
             "notify_queue_usage",
             "pg_notification_queue_usage(): share of the NOTIFY queue in use",
             m.notify_queue_usage.clone(),
+        );
+        registry.register(
+            "calls_in_flight",
+            "Calls running for WebSocket connections",
+            m.calls_in_flight.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "WebSocket and socket.io connections refused by the connection limits",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "change_log_gaps",
+            "Times the reader found changes pruned before it read them (events lost)",
+            m.change_log_gaps.clone(),
+        );
+        registry.register(
+            "change_log_last_gap_unix",
+            "Unix time of the last change-log gap (0: none since start)",
+            m.last_gap_unix.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -98,3 +98,14 @@ async fn the_example_pages_work_in_headless_chromium() {
     let q = Quill::start_secure().await;
     node_test(&q, "browser.test.mjs", &[("CHROMIUM", &browser)]).await;
 }
+
+#[tokio::test]
+async fn a_stalled_socketio_client_is_cut_off_while_a_healthy_one_gets_everything() {
+    let config = quill::Config {
+        outgoing_queue: 256,
+        slow_consumer_timeout_ms: 500,
+        ..crate::support::open_demo()
+    };
+    let q = Quill::start_with(config).await;
+    node_test(&q, "isolation.test.mjs", &[]).await;
+}

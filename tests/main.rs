@@ -7,6 +7,7 @@ mod change_feed;
 mod channels;
 mod events;
 mod feathers;
+mod limits;
 mod reader;
 mod recovery;
 mod rest_crud;

@@ -23,6 +23,11 @@ async fn a_stalled_client_is_cut_off_while_others_receive_everything() {
     let config = Config {
         outgoing_queue: 256,
         slow_consumer_timeout_ms: 500,
+        // The close frame waits behind what was queued until the test reads it.
+        limits: quill::config::Limits {
+            write_timeout_ms: 120_000,
+            ..Default::default()
+        },
         ..crate::support::open_demo()
     };
     let q = Quill::start_with(config).await;

@@ -56,10 +56,11 @@ impl TickCursor {
     /// Queues the ticks after `last_tick`, up to `until` if given.
     async fn extend(&mut self, pool: &PgPool, until: Option<i64>) -> Result<(), ChangeError> {
         let ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM quill.tick WHERE id > $1 AND ($2::bigint IS NULL OR id <= $2) ORDER BY id LIMIT 10000",
+            "SELECT id FROM quill.tick WHERE id > $1 AND ($2::bigint IS NULL OR id <= $2) ORDER BY id LIMIT $3",
         )
         .bind(self.last_tick)
         .bind(until)
+        .bind(TICKS_PER_READ)
         .fetch_all(pool)
         .await?;
         for id in ids {
@@ -350,38 +351,72 @@ pub async fn locate(pool: &PgPool, seq: i64) -> Result<Position, ResumeError> {
     }
 }
 
-/// The changes after a position, up to and including a tick: what a resuming client missed.
+/// The newest seq in the change log (0 when it is empty).
+pub async fn newest_seq(pool: &PgPool) -> Result<i64, ChangeError> {
+    Ok(sqlx::query_scalar("SELECT COALESCE(max(seq), 0) FROM quill.change_log")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// The changes after a position, in delivery order: what a resuming client missed. It reads
+/// up to a tick that the caller moves forward ([`Replay::extend_to`]) until it meets live
+/// delivery, a page at a time and at most [`TICKS_PER_READ`] ticks queued, so any span
+/// replays in bounded memory.
 pub struct Replay {
     pool: PgPool,
     cursor: TickCursor,
     skip_first: Option<i64>,
+    until: i64,
 }
 
+/// Ticks listed per read of `quill.tick`.
+const TICKS_PER_READ: i64 = 10_000;
+
 impl Replay {
-    pub async fn new(pool: PgPool, after: Position, until_tick: i64) -> Result<Replay, ChangeError> {
+    pub async fn new(pool: PgPool, after: Position) -> Result<Replay, ChangeError> {
         // The tick before `after.tick` bounds its batch from below.
         let prev: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM quill.tick WHERE id < $1")
             .bind(after.tick)
             .fetch_one(&pool)
             .await?;
-        let mut cursor = TickCursor::after(prev.unwrap_or(0));
-        cursor.extend(&pool, Some(until_tick)).await?;
+        let prev = prev.unwrap_or(0);
         Ok(Replay {
             pool,
-            cursor,
+            cursor: TickCursor::after(prev),
             skip_first: Some(after.seq),
+            until: prev,
         })
     }
 
-    /// The next page, or `None` when the replay is complete.
+    /// Lets the replay read up to and including `tick`.
+    pub fn extend_to(&mut self, tick: i64) {
+        self.until = self.until.max(tick);
+    }
+
+    /// The next page, or `None` once every change up to the `extend_to` tick was returned.
     pub async fn next_page(&mut self) -> Result<Option<Vec<Change>>, ChangeError> {
-        if let Some(seq) = self.skip_first {
-            // Open the first tick and drop what the client already has.
-            if self.cursor.open_next(&self.pool).await? {
-                self.cursor.skip_through(seq);
+        loop {
+            if self.cursor.pending.is_empty() && self.cursor.last_tick < self.until {
+                self.cursor.extend(&self.pool, Some(self.until)).await?;
+                if self.cursor.pending.is_empty() {
+                    // No tick left up to `until`: nothing more to read.
+                    self.cursor.last_tick = self.until;
+                }
             }
-            self.skip_first = None;
+            if let Some(seq) = self.skip_first {
+                // Open the first tick and drop what the client already has.
+                if self.cursor.open_next(&self.pool).await? {
+                    self.cursor.skip_through(seq);
+                    self.skip_first = None;
+                } else {
+                    return Ok(None);
+                }
+            }
+            match self.cursor.next_page(&self.pool).await? {
+                Some(page) => return Ok(Some(page)),
+                None if self.cursor.last_tick < self.until => continue,
+                None => return Ok(None),
+            }
         }
-        self.cursor.next_page(&self.pool).await
     }
 }

@@ -15,7 +15,7 @@ use std::future::Future;
 use serde_json::Value;
 
 pub use listener::run_listener;
-pub use log::{LogReader, Replay, ResumeError, locate};
+pub use log::{LogReader, Replay, ResumeError, locate, newest_seq};
 
 use crate::event::EventKind;
 

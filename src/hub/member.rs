@@ -1,6 +1,7 @@
 //! One connection as the hub sees it: its queue, its user, its channels, its subscriptions.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -8,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Principal;
-use crate::event::{EventKind, Position};
+use crate::event::EventKind;
 use crate::service::query::Query;
 
 /// Identifies one live connection.
@@ -68,7 +69,9 @@ pub struct Subscription {
     pub kinds: KindSet,
     /// Only rows matching this query (same operators as `find`).
     pub query: Option<Arc<Query>>,
-    pub(super) resume: Option<Mutex<Resume>>,
+    /// While resuming: live events of ticks up to this one are dropped (the replay sends
+    /// them); `i64::MAX` until the replay hands over.
+    pub(super) live_after: Option<AtomicI64>,
 }
 
 impl Subscription {
@@ -76,7 +79,7 @@ impl Subscription {
         Self {
             kinds,
             query,
-            resume: None,
+            live_after: None,
         }
     }
 
@@ -85,43 +88,51 @@ impl Subscription {
     }
 }
 
-/// A resumed subscription: events up to `skip_through` come from the replay, and live events
-/// are held back in `held` until the replay has been sent.
-pub(super) struct Resume {
-    pub(super) skip_through: Position,
-    pub(super) held: Option<Vec<Frame>>,
+/// Why quill cut a connection off; each transport says it its own way (a `/ws` close code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cutoff {
+    /// It did not take what was sent fast enough; it may resume with `since`.
+    SlowConsumer,
+    /// It sent nothing, not even a pong, for the idle timeout.
+    Idle,
+    /// quill cannot vouch for what it missed (the change log has a gap): reload, then
+    /// subscribe afresh.
+    Reload,
 }
 
 /// Why and when a connection was cut off by the hub.
 #[derive(Clone, Default)]
 pub struct Kick {
     pub(super) token: CancellationToken,
-    reason: Arc<Mutex<Option<&'static str>>>,
+    reason: Arc<Mutex<Option<(Cutoff, &'static str)>>>,
 }
 
 impl Kick {
-    pub(super) fn fire(&self, reason: &'static str) {
+    pub fn fire(&self, cutoff: Cutoff, reason: &'static str) {
         if let Ok(mut slot) = self.reason.lock() {
-            slot.get_or_insert(reason);
+            slot.get_or_insert((cutoff, reason));
         }
         self.token.cancel();
     }
 
     /// Resolves when the connection must close; gives the reason.
-    pub async fn fired(&self) -> &'static str {
+    pub async fn fired(&self) -> (Cutoff, &'static str) {
         self.token.cancelled().await;
         self.reason
             .lock()
             .ok()
             .and_then(|r| *r)
-            .unwrap_or("closed by the server")
+            .unwrap_or((Cutoff::SlowConsumer, "closed by the server"))
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.token.is_cancelled()
     }
 }
 
 pub(super) struct Member {
     pub(super) tx: mpsc::Sender<Frame>,
     pub(super) kick: Kick,
-    pub(super) capacity: usize,
     /// Frames that did not fit in the queue during the current page, in order. Drained by
     /// `Hub::flush` before the next page, so it never holds more than one page.
     pub(super) overflow: Mutex<VecDeque<Frame>>,
@@ -133,11 +144,10 @@ pub(super) struct Member {
 }
 
 impl Member {
-    pub(super) fn new(tx: mpsc::Sender<Frame>, kick: Kick, capacity: usize) -> Self {
+    pub(super) fn new(tx: mpsc::Sender<Frame>, kick: Kick) -> Self {
         Self {
             tx,
             kick,
-            capacity,
             overflow: Mutex::new(VecDeque::new()),
             principal: None,
             channels: HashSet::new(),
@@ -153,6 +163,10 @@ impl Member {
     /// Queues a frame, or parks it in the overflow (behind any frame already parked, so the
     /// order holds).
     pub(super) fn offer(&self, frame: Frame) -> Offered {
+        // Cut off: it gets nothing more and costs nothing more.
+        if self.kick.token.is_cancelled() {
+            return Offered::Gone;
+        }
         let Ok(mut overflow) = self.overflow.lock() else {
             return Offered::Gone;
         };

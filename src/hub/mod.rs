@@ -17,13 +17,12 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use member::Member;
 use member::Offered;
-pub use member::{ConnId, Frame, Kick, KindSet, RenderedEvent, Subscription};
-use member::{Member, Resume};
+pub use member::{ConnId, Cutoff, Frame, Kick, KindSet, RenderedEvent, Subscription};
 
 use crate::auth::Principal;
 use crate::channel::{self, Prepared};
-use crate::event::Position;
 use crate::metrics::Metrics;
 
 const SLOW_CONSUMER: &str = "slow consumer: outgoing queue full";
@@ -119,6 +118,7 @@ pub struct Hub {
     next_id: AtomicU64,
     /// The newest tick whose events have started to be published.
     started_tick: AtomicI64,
+    ticks: tokio::sync::Notify,
     /// The connections with parked frames, so that `flush` visits those, not everyone.
     parked: Mutex<Vec<ConnId>>,
     metrics: Arc<Metrics>,
@@ -150,6 +150,7 @@ impl Hub {
             state: RwLock::default(),
             next_id: AtomicU64::new(0),
             started_tick: AtomicI64::new(0),
+            ticks: tokio::sync::Notify::new(),
             parked: Mutex::new(Vec::new()),
             metrics,
         })
@@ -163,9 +164,7 @@ impl Hub {
         let kick = Kick::default();
         {
             let mut state = self.write();
-            state
-                .members
-                .insert(id, Member::new(tx.clone(), kick.clone(), capacity));
+            state.members.insert(id, Member::new(tx.clone(), kick.clone()));
             state.join_channel(id, channel::ANONYMOUS);
         }
         self.metrics.connections.inc();
@@ -260,52 +259,43 @@ impl Hub {
         state.all_services.insert(conn);
     }
 
-    /// Subscribes a connection that resumes after `after`. Returns the tick the caller must
-    /// replay up to (inclusive); live events up to there are dropped for this subscriber, and
-    /// later ones are held until [`Hub::finish_replay`], so nothing is missed or repeated.
-    pub fn subscribe_after(
-        &self,
-        conn: ConnId,
-        service: Arc<str>,
-        mut subscription: Subscription,
-        after: Position,
-    ) -> i64 {
+    /// Subscribes a connection that resumes from a position. Until [`Hub::go_live`], live
+    /// events of this service are dropped for it: the caller replays them from the log.
+    pub fn subscribe_replaying(&self, conn: ConnId, service: Arc<str>, mut subscription: Subscription) {
+        subscription.live_after = Some(AtomicI64::new(i64::MAX));
         let mut state = self.write();
-        // Read under the write lock: publishing takes the read lock, so no event of a later
-        // tick can slip between this read and the registration.
-        let until = self.started_tick.load(Ordering::SeqCst);
-        let skip_through = after.max(Position {
-            tick: until,
-            seq: i64::MAX,
-        });
-        subscription.resume = Some(Mutex::new(Resume {
-            skip_through,
-            held: Some(Vec::new()),
-        }));
         if let Some(member) = state.members.get_mut(&conn) {
             member.subscriptions.insert(service.clone(), subscription);
             state.by_service.entry(service).or_default().insert(conn);
         }
-        until
     }
 
-    /// Ends a replay: queues the live events held meanwhile and goes live.
-    pub fn finish_replay(&self, conn: ConnId, service: &str) {
-        let state = self.read();
-        let Some(member) = state.members.get(&conn) else {
-            return;
-        };
-        let held = member
-            .subscriptions
-            .get(service)
-            .and_then(|s| s.resume.as_ref())
-            .and_then(|r| r.lock().ok().and_then(|mut r| r.held.take()))
-            .unwrap_or_default();
-        for frame in held {
-            if self.offer(conn, member, frame) {
-                self.metrics.events_delivered.inc();
-            }
+    /// Hands a replaying subscription over to live delivery once the replay has sent every
+    /// event through `replayed_through` (a tick), if no later tick has started publishing.
+    /// False means more ticks started meanwhile: replay up to [`Hub::started_tick`] and try
+    /// again. Live events of ticks up to `replayed_through` stay dropped, so a tick that is
+    /// half published at the hand-over is neither lost nor repeated.
+    pub fn go_live(&self, conn: ConnId, service: &str, replayed_through: i64) -> bool {
+        // The write lock waits for any publish in flight: no event is being offered while
+        // the position is compared and the hand-over point is set.
+        let state = self.write();
+        if self.started_tick.load(Ordering::SeqCst) > replayed_through {
+            return false;
         }
+        if let Some(live_after) = state
+            .members
+            .get(&conn)
+            .and_then(|m| m.subscriptions.get(service))
+            .and_then(|s| s.live_after.as_ref())
+        {
+            live_after.store(replayed_through, Ordering::SeqCst);
+        }
+        true
+    }
+
+    /// The newest tick whose events have started to be published.
+    pub fn started_tick(&self) -> i64 {
+        self.started_tick.load(Ordering::SeqCst)
     }
 
     pub fn unsubscribe(&self, conn: ConnId, service: &str) {
@@ -317,20 +307,30 @@ impl Hub {
     }
 
     /// Cuts a connection off with a reason.
-    pub fn kick(&self, conn: ConnId, reason: &'static str) {
+    pub fn kick(&self, conn: ConnId, cutoff: Cutoff, reason: &'static str) {
+        if cutoff == Cutoff::SlowConsumer {
+            self.metrics.slow_consumer_disconnects.inc();
+        }
         if let Some(member) = self.read().members.get(&conn) {
-            member.kick.fire(reason);
+            member.kick.fire(cutoff, reason);
         }
     }
 
     /// Records that events of `tick` are about to be published (ticks only move forward).
     pub fn begin_tick(&self, tick: i64) {
-        self.started_tick.fetch_max(tick, Ordering::SeqCst);
+        if self.started_tick.fetch_max(tick, Ordering::SeqCst) < tick {
+            self.ticks.notify_waiters();
+        }
+    }
+
+    /// Resolves when a later tick starts publishing (create it before reading
+    /// [`Hub::started_tick`], so no start is missed).
+    pub fn tick_started(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ticks.notified()
     }
 
     /// Offers an event to every connection that may have it. Never blocks.
     pub fn publish(&self, prepared: &mut Prepared<'_>) {
-        let mut full = Vec::new();
         {
             let state = self.read();
             let service: &str = &prepared.event.service;
@@ -352,7 +352,7 @@ impl Hub {
                     if let Some(member) = state.members.get(conn)
                         && let Some(sub) = member.subscription(service)
                     {
-                        self.offer_to(*conn, member, sub, prepared, &mut full);
+                        self.offer_to(*conn, member, sub, prepared);
                     }
                 }
             } else {
@@ -364,25 +364,14 @@ impl Hub {
                     };
                     let listed = prepared.channels.iter().any(|c| member.channels.contains(c.as_str()));
                     if let (true, Some(sub)) = (listed, member.subscription(service)) {
-                        self.offer_to(*conn, member, sub, prepared, &mut full);
+                        self.offer_to(*conn, member, sub, prepared);
                     }
                 }
             }
         }
-        for kick in full {
-            self.metrics.slow_consumer_disconnects.inc();
-            kick.fire(SLOW_CONSUMER);
-        }
     }
 
-    fn offer_to(
-        &self,
-        conn: ConnId,
-        member: &Member,
-        sub: &Subscription,
-        prepared: &mut Prepared<'_>,
-        full: &mut Vec<Kick>,
-    ) {
+    fn offer_to(&self, conn: ConnId, member: &Member, sub: &Subscription, prepared: &mut Prepared<'_>) {
         let event = prepared.event;
         let view = match prepared.view_for(member.principal.as_deref()) {
             Some(view) if sub.wants(event.kind, &event.data) => view,
@@ -391,22 +380,14 @@ impl Hub {
                 return;
             }
         };
-        let frame = Frame::Event(prepared.frame(view));
-        if let Some(resume) = &sub.resume
-            && let Ok(mut resume) = resume.lock()
+        if sub
+            .live_after
+            .as_ref()
+            .is_some_and(|tick| event.position.tick <= tick.load(Ordering::SeqCst))
         {
-            if event.position <= resume.skip_through {
-                return;
-            }
-            if let Some(held) = &mut resume.held {
-                if held.len() >= member.capacity {
-                    full.push(member.kick.clone());
-                } else {
-                    held.push(frame);
-                }
-                return;
-            }
+            return; // the replay sends it
         }
+        let frame = Frame::Event(prepared.frame(view));
         if self.offer(conn, member, frame) {
             self.metrics.events_delivered.inc();
         }
@@ -454,6 +435,7 @@ impl Hub {
             parked
                 .iter()
                 .filter_map(|conn| state.members.get(conn))
+                .filter(|m| !m.kick.token.is_cancelled())
                 .filter_map(|m| {
                     let mut overflow = m.overflow.lock().ok()?;
                     (!overflow.is_empty()).then(|| (m.tx.clone(), m.kick.clone(), overflow.drain(..).collect()))
@@ -464,17 +446,21 @@ impl Hub {
             return;
         }
         let drains = pending.into_iter().map(|(tx, kick, frames)| async move {
-            let drained = tokio::time::timeout(timeout, async {
+            let send_all = async {
                 for frame in frames {
                     if tx.send(frame).await.is_err() {
                         return;
                     }
                 }
-            })
-            .await;
+            };
+            let drained = tokio::select! {
+                drained = tokio::time::timeout(timeout, send_all) => drained,
+                // Cut off meanwhile (the socket's write deadline): stop waiting for it.
+                _ = kick.token.cancelled() => Ok(()),
+            };
             if drained.is_err() {
                 self.metrics.slow_consumer_disconnects.inc();
-                kick.fire(SLOW_CONSUMER);
+                kick.fire(Cutoff::SlowConsumer, SLOW_CONSUMER);
             }
         });
         futures::future::join_all(drains).await;

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::channel::{Policy, TemplatePublisher, Visibility};
-use crate::event::{EventKind, ServiceEvent};
+use crate::event::{EventKind, Position, ServiceEvent};
 use crate::service::access::Rule;
 
 fn event(seq: i64) -> ServiceEvent {
@@ -72,7 +72,7 @@ async fn a_connection_that_stays_full_is_cut_off_at_flush_and_others_keep_everyt
     hub.flush(Duration::from_millis(200)).await;
     let (fast, seqs) = reader.await.expect("reader");
     assert_eq!(seqs, [0, 1, 2, 3, 4], "parked frames keep their order");
-    assert_eq!(slow.kick.fired().await, SLOW_CONSUMER);
+    assert_eq!(slow.kick.fired().await, (Cutoff::SlowConsumer, SLOW_CONSUMER));
     assert!(!fast.kick.token.is_cancelled());
 }
 
@@ -105,36 +105,52 @@ async fn a_connection_that_parks_again_after_a_flush_is_drained_by_the_next_one(
     }
 }
 
+fn at(tick: i64, seq: i64) -> ServiceEvent {
+    ServiceEvent {
+        position: Position { tick, seq },
+        ..event(seq)
+    }
+}
+
 #[tokio::test]
-async fn a_resumed_subscription_drops_replayed_events_and_holds_later_ones() {
+async fn a_replaying_subscription_drops_live_events_until_it_goes_live_after_its_tick() {
     let hub = Hub::new();
     let p = policy(&["anonymous"]);
     let mut m = hub.join(8);
     hub.begin_tick(5);
-    let until = hub.subscribe_after(m.id, Arc::from("messages"), all(), Position { tick: 3, seq: 30 });
-    assert_eq!(until, 5);
-    publish(
-        &hub,
-        &p,
-        &ServiceEvent {
-            position: Position { tick: 5, seq: 51 },
-            ..event(51)
-        },
-    );
+    hub.subscribe_replaying(m.id, Arc::from("messages"), all());
+    publish(&hub, &p, &at(5, 51));
+    assert!(m.frames.try_recv().is_err(), "the replay sends tick 5");
+    // Tick 6 started while the replay read up to 5: not yet live.
     hub.begin_tick(6);
-    publish(
-        &hub,
-        &p,
-        &ServiceEvent {
-            position: Position { tick: 6, seq: 60 },
-            ..event(60)
-        },
-    );
-    assert!(m.frames.try_recv().is_err(), "held during the replay");
-    hub.finish_replay(m.id, "messages");
-    let frame = m.frames.try_recv().expect("released after the replay");
-    assert_eq!(data_of(frame)["id"], 60);
-    assert!(m.frames.try_recv().is_err(), "tick 5 was the replay's, not live");
+    publish(&hub, &p, &at(6, 60));
+    assert!(!hub.go_live(m.id, "messages", 5));
+    assert!(hub.go_live(m.id, "messages", 6));
+    // The rest of tick 6 is the replay's too; tick 7 is live.
+    publish(&hub, &p, &at(6, 61));
+    hub.begin_tick(7);
+    publish(&hub, &p, &at(7, 70));
+    let frame = m.frames.try_recv().expect("live after the hand-over");
+    assert_eq!(data_of(frame)["id"], 70);
+    assert!(m.frames.try_recv().is_err(), "nothing repeated");
+}
+
+#[tokio::test]
+async fn a_connection_cut_off_gets_nothing_more_and_flush_does_not_wait_for_it() {
+    let hub = Hub::new();
+    let p = policy(&["anonymous"]);
+    let mut stalled = hub.join(1);
+    hub.subscribe(stalled.id, Arc::from("messages"), all());
+    publish(&hub, &p, &event(1));
+    publish(&hub, &p, &event(2)); // parked
+    hub.kick(stalled.id, Cutoff::SlowConsumer, "cut off");
+    // The flush would wait an hour for a connection that was not cut off.
+    tokio::time::timeout(Duration::from_secs(5), hub.flush(Duration::from_secs(3600)))
+        .await
+        .expect("flush skips a connection that was cut off");
+    publish(&hub, &p, &event(3));
+    assert_eq!(data_of(stalled.frames.try_recv().expect("queued before"))["id"], 1);
+    assert!(stalled.frames.try_recv().is_err(), "nothing after the cut-off");
 }
 
 #[tokio::test]

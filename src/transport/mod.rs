@@ -1,6 +1,8 @@
 //! Transports: REST, the plain JSON WebSocket (`/ws`), and the health endpoints. Each
 //! decodes a call into a [`crate::service::ServiceCall`]; none builds SQL or error JSON.
 
+mod http;
+pub mod limits;
 mod pages;
 mod qs;
 mod rest;
@@ -17,9 +19,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Limits;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::service::Services;
+pub use http::serve;
+use limits::ConnectionLimiter;
 
 /// The largest request body or WebSocket frame accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -31,6 +36,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     pub outgoing_queue: usize,
+    pub limits: Limits,
+    pub connections: Arc<ConnectionLimiter>,
     pub shutdown: CancellationToken,
 }
 

@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use serde_json::value::RawValue;
@@ -15,7 +16,7 @@ use serde_json::{Value, json};
 use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::{AckSender, Event, SocketRef};
-use socketioxide::handler::{FromMessageParts, Value as SioValue};
+use socketioxide::handler::{ConnectHandler, FromMessageParts, Value as SioValue};
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::Socket;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
@@ -29,16 +30,35 @@ use crate::service::{Method, ServiceCall};
 
 /// The socket.io layer, with the Feathers namespace registered.
 pub(super) fn layer(state: AppState) -> SocketIoLayer {
+    let limits = state.limits;
     let (layer, io) = SocketIo::builder()
         .max_payload(MAX_BODY_BYTES as u64)
         .max_buffer_size(state.outgoing_queue.max(128))
+        // A vanished peer is dropped after one missed ping; a socket that never joins the
+        // namespace after the handshake, after the handshake timeout.
+        .ping_interval(limits.ping_interval())
+        .ping_timeout(limits.idle_timeout().saturating_sub(limits.ping_interval()))
+        .connect_timeout(limits.handshake_timeout())
         .build_layer();
-    io.ns("/", move |socket: SocketRef| {
+    let (connections, metrics) = (state.connections.clone(), state.metrics.clone());
+    let admit = move |socket: SocketRef| {
+        let admitted = connections.admit(peer_of(&socket)).map(|permit| {
+            // Dropped with the socket, which frees its place.
+            socket.extensions.insert(Arc::new(permit));
+        });
+        if admitted.is_err() {
+            metrics.connections_refused.inc();
+        }
+        // The client gets a `connect_error` with the reason.
+        std::future::ready(admitted)
+    };
+    let connect = move |socket: SocketRef| {
         // Handlers are registered before the first await, so a call the client sends right
         // after connecting (a re-authentication) is never dropped.
         on_connect(socket, state.clone());
         std::future::ready(())
-    });
+    };
+    io.ns("/", connect.with(admit));
     layer
 }
 
@@ -53,12 +73,16 @@ struct Conn {
     closed: CancellationToken,
 }
 
-fn on_connect(socket: SocketRef, state: AppState) {
-    let peer = socket
+fn peer_of(socket: &SocketRef) -> Option<IpAddr> {
+    socket
         .req_parts()
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+        .map(|c| c.0.ip())
+}
+
+fn on_connect(socket: SocketRef, state: AppState) {
+    let peer = peer_of(&socket);
     let member = state.hub.join(state.outgoing_queue);
     state.hub.subscribe_all(member.id);
     let (logins, login_rx) = mpsc::unbounded_channel();
@@ -106,14 +130,10 @@ async fn forward(
     let mut expires = None;
     loop {
         tokio::select! {
-            _ = closed.cancelled() => break,
-            _ = state.shutdown.cancelled() => {
-                let _ = socket.disconnect();
-                break;
-            }
-            reason = member.kick.fired() => {
+            _ = closed.cancelled() => return,
+            _ = state.shutdown.cancelled() => break,
+            (_, reason) = member.kick.fired() => {
                 tracing::info!(socket = %socket.id, reason, "disconnecting socket.io client");
-                let _ = socket.disconnect();
                 break;
             }
             Some(login) = logins.recv() => expires = login.deadline(),
@@ -129,11 +149,28 @@ async fn forward(
                 let data = String::from_utf8_lossy(&event.data).into_owned();
                 let Ok(data) = RawValue::from_string(data) else { continue };
                 if socket.emit(name, &data).is_err() {
-                    // socket.io's own buffer is full: the client is not reading
-                    let _ = socket.disconnect();
+                    // socket.io's own buffer is full: the client is not reading.
+                    state.metrics.slow_consumer_disconnects.inc();
                     break;
                 }
             }
+        }
+    }
+    // Out of the hub at once: it gets nothing more and costs nothing more.
+    drop(member);
+    disconnect(&socket, &closed).await;
+}
+
+/// Disconnects a socket. The disconnect packet needs room in socket.io's buffer, which a
+/// client that does not read keeps full: retry until it fits or the socket closes (the
+/// engine's next ping finds the buffer full and closes it), so a client is never left
+/// connected without events.
+async fn disconnect(socket: &SocketRef, closed: &CancellationToken) {
+    let mut retry = tokio::time::interval(Duration::from_millis(50));
+    while socket.clone().disconnect().is_err() {
+        tokio::select! {
+            _ = closed.cancelled() => return,
+            _ = retry.tick() => {}
         }
     }
 }

@@ -16,22 +16,28 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use serde_json::{Map, Value, json};
-use tokio::sync::mpsc::{self, Sender, UnboundedSender};
+use tokio::sync::mpsc::{self, Sender, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::rest::error_response;
 use super::session::{Login, sleep_until};
 use super::{AppState, MAX_BODY_BYTES};
-use crate::change::{self, Replay, ResumeError};
+use crate::change::ResumeError;
 use crate::error::{Error, ErrorKind};
 use crate::event::EventKind;
-use crate::hub::{ConnId, Frame, KindSet, Subscription};
-use crate::pipeline::event_for;
+use crate::hub::{ConnId, Cutoff, Frame, Kick, KindSet, Subscription};
+use crate::resume::{self, ResumeFailed};
 use crate::service::query::Query;
 use crate::service::{Method, Service, ServiceCall};
 
 /// Close code for a connection cut off because it did not read fast enough.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code for a connection that sent nothing, not even a pong, for the idle timeout.
+pub const CLOSE_IDLE: u16 = 4009;
+/// Close code when quill cannot vouch for what the connection missed: reload, then subscribe
+/// without `since`.
+pub const CLOSE_RELOAD: u16 = 4010;
 /// Close code when quill shuts down (RFC 6455 "going away").
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// Frames written per flush at most.
@@ -44,6 +50,8 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 pub enum Inbound {
     Text(String),
     Binary,
+    /// A ping or pong: the peer is there.
+    Heartbeat,
     Close,
 }
 
@@ -51,6 +59,7 @@ pub enum Inbound {
 #[derive(Debug, Clone)]
 pub enum Outbound {
     Text(Bytes),
+    Ping,
     Close { code: u16, reason: &'static str },
 }
 
@@ -59,12 +68,22 @@ pub(super) async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
+    let permit = match state.connections.admit(Some(peer.ip())) {
+        Ok(permit) => permit,
+        Err(refused) => {
+            state.metrics.connections_refused.inc();
+            return error_response(&refused.into());
+        }
+    };
     // Small buffers: a connection that is idle should cost kilobytes, not tungstenite's
     // default 128 KiB read buffer. Both still grow for large messages.
     ws.max_message_size(MAX_BODY_BYTES)
         .read_buffer_size(2 * 1024)
         .write_buffer_size(16 * 1024)
-        .on_upgrade(move |socket| serve_socket(state, socket, peer.ip()))
+        .on_upgrade(move |socket| async move {
+            serve_socket(state, socket, peer.ip()).await;
+            drop(permit);
+        })
 }
 
 async fn serve_socket(state: AppState, socket: WebSocket, peer: IpAddr) {
@@ -76,33 +95,34 @@ async fn serve_socket(state: AppState, socket: WebSocket, peer: IpAddr) {
                 Ok(text) => Message::Text(text),
                 Err(_) => Message::Text(Utf8Bytes::from_static("{}")),
             },
+            Outbound::Ping => Message::Ping(Bytes::new()),
             Outbound::Close { code, reason } => Message::Close(Some(CloseFrame {
                 code,
                 reason: Utf8Bytes::from_static(reason),
             })),
         })
     });
-    let stream = stream.filter_map(|m| async move {
-        match m {
-            Ok(Message::Text(t)) => Some(Inbound::Text(t.to_string())),
-            Ok(Message::Binary(_)) => Some(Inbound::Binary),
-            Ok(Message::Close(_)) | Err(_) => Some(Inbound::Close),
-            Ok(Message::Ping(_) | Message::Pong(_)) => None,
-        }
+    let stream = stream.map(|m| match m {
+        Ok(Message::Text(t)) => Inbound::Text(t.to_string()),
+        Ok(Message::Binary(_)) => Inbound::Binary,
+        Ok(Message::Ping(_) | Message::Pong(_)) => Inbound::Heartbeat,
+        Ok(Message::Close(_)) | Err(_) => Inbound::Close,
     });
     run_session(state, Some(peer), Box::pin(sink), Box::pin(stream)).await;
 }
 
 /// Serves one connection until the client leaves, the hub cuts it off or quill shuts down.
+///
+/// Reading (calls) and writing (replies and events) run side by side, so a socket that
+/// does not take what is written can never hide a cut-off, a shutdown or the idle timeout:
+/// every write has a deadline, and the session ends as soon as either side does.
 pub async fn run_session<Tx, Rx>(state: AppState, peer: Option<IpAddr>, mut tx: Tx, mut rx: Rx)
 where
     Tx: Sink<Outbound> + Unpin,
     Rx: Stream<Item = Inbound> + Unpin,
 {
     let mut member = state.hub.join(state.outgoing_queue);
-    let mut calls = JoinSet::new();
-    let (login_tx, mut logins) = mpsc::unbounded_channel();
-    let mut expires: Option<Instant> = None;
+    let (login_tx, logins) = mpsc::unbounded_channel();
     let session = Session {
         state: &state,
         conn: member.id,
@@ -110,54 +130,80 @@ where
         replies: member.replies.clone(),
         logins: login_tx,
     };
+    let writer = write_frames(&state, member.id, &mut member.frames, &member.kick, &mut tx);
+    let reader = session.read_calls(&mut rx, logins);
+    tokio::select! {
+        () = writer => {}
+        () = reader => {}
+    }
+}
+
+/// Writes queued frames (and pings) until the connection is cut off or quill shuts down.
+async fn write_frames<Tx>(state: &AppState, conn: ConnId, frames: &mut mpsc::Receiver<Frame>, kick: &Kick, tx: &mut Tx)
+where
+    Tx: Sink<Outbound> + Unpin,
+{
+    let limits = state.limits;
+    let mut ping = tokio::time::interval_at(Instant::now() + limits.ping_interval(), limits.ping_interval());
     loop {
-        tokio::select! {
-            reason = member.kick.fired() => {
-                let _ = tx.send(Outbound::Close { code: CLOSE_SLOW_CONSUMER, reason }).await;
-                break;
-            }
+        let first = tokio::select! {
+            cutoff = kick.fired() => return close(tx, cutoff, limits.write_timeout()).await,
             _ = state.shutdown.cancelled() => {
                 // Deliver what is already queued, within a bound, then say goodbye.
                 let flush = async {
-                    while let Ok(frame) = member.frames.try_recv() {
+                    while let Ok(frame) = frames.try_recv() {
                         if tx.send(Outbound::Text(encode(frame))).await.is_err() {
                             return;
                         }
                     }
+                    let _ = tx.send(Outbound::Close { code: CLOSE_GOING_AWAY, reason: "server shutting down" }).await;
                 };
                 let _ = tokio::time::timeout(SHUTDOWN_FLUSH, flush).await;
-                let _ = tx.send(Outbound::Close { code: CLOSE_GOING_AWAY, reason: "server shutting down" }).await;
-                break;
+                return;
             }
-            Some(frame) = member.frames.recv() => {
-                // Write what is already queued in one go: one flush (one syscall) for a
-                // burst, not one per event.
-                let mut sent = tx.feed(Outbound::Text(encode(frame))).await.is_ok();
-                for _ in 0..BATCH {
-                    let Ok(frame) = member.frames.try_recv() else { break };
-                    sent = sent && tx.feed(Outbound::Text(encode(frame))).await.is_ok();
-                }
-                if !sent || tx.flush().await.is_err() {
-                    break;
-                }
+            Some(frame) = frames.recv() => Outbound::Text(encode(frame)),
+            _ = ping.tick() => Outbound::Ping,
+        };
+        // Write what is already queued in one go: one flush (one syscall) for a burst,
+        // not one per event.
+        let write = async {
+            tx.feed(first).await.ok()?;
+            for _ in 0..BATCH {
+                let Ok(frame) = frames.try_recv() else { break };
+                tx.feed(Outbound::Text(encode(frame))).await.ok()?;
             }
-            Some(login) = logins.recv() => expires = login.deadline(),
-            _ = sleep_until(expires) => {
-                expires = None;
-                state.hub.logout(member.id);
-                let _ = member.replies.try_send(Frame::Logout { reason: "token expired" });
-            }
-            inbound = rx.next() => match inbound {
-                None | Some(Inbound::Close) => break,
-                Some(Inbound::Binary) => {
-                    let e = Error::bad_request("binary frames are not supported; send JSON text");
-                    session.reply_later(&mut calls, error_frame(&Value::Null, &e));
+            tx.flush().await.ok()
+        };
+        tokio::select! {
+            written = tokio::time::timeout(limits.write_timeout(), write) => match written {
+                Ok(Some(())) => {}
+                Ok(None) => return, // the socket failed
+                Err(_) => {
+                    state.hub.kick(conn, Cutoff::SlowConsumer, "slow consumer: write timed out");
+                    return;
                 }
-                Some(Inbound::Text(text)) => session.handle(&mut calls, &text),
             },
-            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            // Cut off mid-write (the hub gave up on it): what was written stays buffered
+            // and the close frame goes behind it.
+            cutoff = kick.fired() => return close(tx, cutoff, limits.write_timeout()).await,
+            // Shutting down and the socket is not taking frames: do not wait for it.
+            _ = state.shutdown.cancelled() => return,
         }
     }
+}
+
+/// Sends the close frame of a cut-off connection, behind whatever is still buffered, if the
+/// client takes it within `grace`. The hub no longer offers it anything meanwhile.
+async fn close<Tx>(tx: &mut Tx, (cutoff, reason): (Cutoff, &'static str), grace: Duration)
+where
+    Tx: Sink<Outbound> + Unpin,
+{
+    let code = match cutoff {
+        Cutoff::SlowConsumer => CLOSE_SLOW_CONSUMER,
+        Cutoff::Idle => CLOSE_IDLE,
+        Cutoff::Reload => CLOSE_RELOAD,
+    };
+    let _ = tokio::time::timeout(grace, tx.send(Outbound::Close { code, reason })).await;
 }
 
 /// The `/ws` text of a queued frame.
@@ -166,6 +212,22 @@ fn encode(frame: Frame) -> Bytes {
         Frame::Text(bytes) => bytes,
         Frame::Event(event) => event.ws.clone(),
         Frame::Logout { reason } => to_bytes(&json!({ "event": "logout", "reason": reason })),
+    }
+}
+
+/// One call counted in a gauge while it lives.
+struct InFlight(prometheus_client::metrics::gauge::Gauge);
+
+impl InFlight {
+    fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -179,6 +241,46 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
+    /// Reads and runs calls until the client leaves. At most `calls_in_flight` run at once:
+    /// past that the socket is not read, so a client that only writes is held back by TCP.
+    async fn read_calls<Rx>(&self, rx: &mut Rx, mut logins: UnboundedReceiver<Login>)
+    where
+        Rx: Stream<Item = Inbound> + Unpin,
+    {
+        let limits = self.state.limits;
+        let mut calls = JoinSet::new();
+        let mut expires: Option<Instant> = None;
+        let mut heard = Instant::now();
+        loop {
+            tokio::select! {
+                Some(login) = logins.recv() => expires = login.deadline(),
+                _ = sleep_until(expires) => {
+                    expires = None;
+                    self.state.hub.logout(self.conn);
+                    let _ = self.replies.try_send(Frame::Logout { reason: "token expired" });
+                }
+                _ = tokio::time::sleep_until(heard + limits.idle_timeout()) => {
+                    self.state.hub.kick(self.conn, Cutoff::Idle, "idle timeout: nothing received from the client");
+                    // The writer closes the socket; the session ends with it.
+                    return std::future::pending().await;
+                }
+                inbound = rx.next(), if calls.len() < limits.calls_in_flight => {
+                    heard = Instant::now();
+                    match inbound {
+                        None | Some(Inbound::Close) => return,
+                        Some(Inbound::Heartbeat) => {}
+                        Some(Inbound::Binary) => {
+                            let e = Error::bad_request("binary frames are not supported; send JSON text");
+                            self.reply_later(&mut calls, error_frame(&Value::Null, &e));
+                        }
+                        Some(Inbound::Text(text)) => self.handle(&mut calls, &text),
+                    }
+                }
+                Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            }
+        }
+    }
+
     fn handle(&self, calls: &mut JoinSet<()>, text: &str) {
         let mut request = match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(obj)) => obj,
@@ -209,15 +311,18 @@ impl Session<'_> {
                     .map(|()| json!({ "subscribed": service })),
                 Some(since) => match self.resume_request(&service, &request, &since) {
                     Ok((service, subscription, since)) => {
-                        calls.spawn(resume(
-                            self.state.clone(),
-                            self.conn,
-                            service,
-                            subscription,
-                            since,
-                            reference,
-                            self.replies.clone(),
-                        ));
+                        self.spawn(
+                            calls,
+                            resume(
+                                self.state.clone(),
+                                self.conn,
+                                service,
+                                subscription,
+                                since,
+                                reference,
+                                self.replies.clone(),
+                            ),
+                        );
                         return;
                     }
                     Err(e) => Err(e),
@@ -257,7 +362,7 @@ impl Session<'_> {
         };
         let services = self.state.services.clone();
         let replies = self.replies.clone();
-        calls.spawn(async move {
+        self.spawn(calls, async move {
             let frame = match services.call(call).await {
                 Ok(result) => result_frame(&reference, result),
                 Err(e) => error_frame(&reference, &e),
@@ -276,7 +381,7 @@ impl Session<'_> {
             self.replies.clone(),
             self.logins.clone(),
         );
-        calls.spawn(async move {
+        self.spawn(calls, async move {
             let frame = match state.services.authenticate(&data, peer).await {
                 Ok(auth) => {
                     let expires_at = auth.principal.expires_at;
@@ -337,8 +442,18 @@ impl Session<'_> {
     /// Queues a reply without blocking the session loop (which is what drains the queue).
     fn reply_later(&self, calls: &mut JoinSet<()>, frame: Frame) {
         let replies = self.replies.clone();
-        calls.spawn(async move {
+        self.spawn(calls, async move {
             let _ = replies.send(frame).await;
+        });
+    }
+
+    /// Runs a call beside the session loop, counted in `quill_calls_in_flight` until it
+    /// ends or is dropped with the session.
+    fn spawn(&self, calls: &mut JoinSet<()>, call: impl Future<Output = ()> + Send + 'static) {
+        let in_flight = InFlight::new(self.state.metrics.calls_in_flight.clone());
+        calls.spawn(async move {
+            let _in_flight = in_flight;
+            call.await;
         });
     }
 }
@@ -381,9 +496,8 @@ fn parse_subscription(service: &Service, request: &Map<String, Value>) -> Result
     Ok(Subscription::new(kinds, query))
 }
 
-/// Subscribes from a position: registers (holding live events back), replies, sends every
-/// missed event through the same channels, filters and stripping as live ones, then
-/// releases the held events.
+/// Subscribes from a position: registers (live events of the service wait for the replay),
+/// replies, then replays every missed event and hands over to live delivery.
 async fn resume(
     state: AppState,
     conn: ConnId,
@@ -394,57 +508,41 @@ async fn resume(
     replies: Sender<Frame>,
 ) {
     let pool = state.services.pool().clone();
-    let after = match change::locate(&pool, since).await {
+    let after = match resume::locate(&pool, since, state.limits.max_replay_changes).await {
         Ok(after) => after,
         Err(e) => {
-            let error = match e {
-                ResumeError::Gone(_) => Error::new(
-                    ErrorKind::Gone,
-                    format!("position {since} is older than the retained change log; reload and subscribe again"),
-                ),
-                ResumeError::Unknown(_) => {
-                    Error::bad_request(format!("position {since} is not the seq of a delivered event"))
-                }
-                ResumeError::Change(e) => {
-                    tracing::warn!(error = %e, "cannot locate a resume position");
-                    Error::unavailable("the database is unavailable, try again shortly")
-                }
-            };
-            let _ = replies.send(error_frame(&reference, &error)).await;
+            let _ = replies.send(error_frame(&reference, &resume_error(since, e))).await;
             return;
         }
     };
-    let until = state
-        .hub
-        .subscribe_after(conn, service.name.clone(), subscription, after);
+    resume::register(&state.hub, conn, &service, subscription);
     let reply = json!({ "subscribed": &*service.name, "since": since });
     if replies.send(result_frame(&reference, reply)).await.is_err() {
         return;
     }
-    let table = &service.table;
-    let replayed = async {
-        let mut replay = Replay::new(pool, after, until).await?;
-        while let Some(page) = replay.next_page().await? {
-            for change in page {
-                if change.table_schema != table.schema || change.table_name != table.name {
-                    continue;
-                }
-                let event = event_for(&change, &service);
-                let frame = state.hub.replay_frame(conn, &mut service.policy.prepare(&event));
-                if let Some(frame) = frame
-                    && replies.send(frame).await.is_err()
-                {
-                    return Ok(());
-                }
-            }
+    if let Err(e) = resume::replay(&state.hub, pool, conn, &service, after, &replies).await {
+        tracing::warn!(error = %e, "resume failed");
+        state
+            .hub
+            .kick(conn, Cutoff::SlowConsumer, "resume failed: subscribe again with since");
+    }
+}
+
+/// The reply to a resume that cannot start.
+fn resume_error(since: i64, e: ResumeFailed) -> Error {
+    match e {
+        ResumeFailed::Position(ResumeError::Gone(_)) => Error::new(
+            ErrorKind::Gone,
+            format!("position {since} is older than the retained change log; reload and subscribe again"),
+        ),
+        ResumeFailed::TooFarBehind { .. } => Error::new(ErrorKind::Gone, format!("{e}; reload and subscribe again")),
+        ResumeFailed::Position(ResumeError::Unknown(_)) => {
+            Error::bad_request(format!("position {since} is not the seq of a delivered event"))
         }
-        Ok::<(), change::ChangeError>(())
-    };
-    match replayed.await {
-        Ok(()) => state.hub.finish_replay(conn, &service.name),
-        Err(e) => {
-            tracing::warn!(error = %e, "resume failed");
-            state.hub.kick(conn, "resume failed: subscribe again with since");
+        ResumeFailed::Lagging(_) => Error::unavailable("this instance is catching up; try again shortly"),
+        ResumeFailed::Position(ResumeError::Change(e)) | ResumeFailed::Change(e) => {
+            tracing::warn!(error = %e, "cannot locate a resume position");
+            Error::unavailable("the database is unavailable, try again shortly")
         }
     }
 }
