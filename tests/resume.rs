@@ -100,3 +100,84 @@ async fn a_position_older_than_retention_is_gone_and_an_unknown_one_is_a_bad_req
     let reply = ws.call("subscribe", "messages", json!({"since": "yesterday"})).await;
     assert_eq!(reply["error"]["name"], "BadRequest", "{reply}");
 }
+
+/// Inserts `count` messages, each in its own transaction followed by its own tick, as a
+/// long stretch of single-row autocommit writes would leave the log.
+async fn insert_with_a_tick_each(pool: &sqlx::PgPool, from: usize, count: usize) {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DO $$ BEGIN
+           PERFORM set_config('synchronous_commit', 'off', false);
+           FOR i IN {from}..{last} LOOP
+             INSERT INTO messages (text) VALUES (i::text);
+             COMMIT;
+             PERFORM quill.make_tick();
+             COMMIT;
+           END LOOP;
+         END $$",
+        last = from + count - 1
+    )))
+    .execute(pool)
+    .await
+    .expect("insert with ticks");
+}
+
+#[tokio::test]
+async fn a_resume_across_more_than_30000_ticks_delivers_exactly_the_missed_events_in_order() {
+    const MISSED: usize = 31_000;
+    let q = Quill::start().await;
+    let sql = q.sql().await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    insert_messages(&sql, 0, 1).await;
+    let since = ws.next_event().await["seq"].as_i64().expect("seq");
+    drop(ws);
+    insert_with_a_tick_each(&sql, 1, MISSED).await;
+    let ticks: i64 = sqlx::query_scalar("SELECT count(*) FROM quill.tick")
+        .fetch_one(&sql)
+        .await
+        .expect("ticks");
+    assert!(ticks > 30_000, "{ticks} ticks");
+    let mut back = q.ws().await;
+    back.ok("subscribe", "messages", json!({"since": since})).await;
+    let events = back.events(MISSED).await;
+    let expected: Vec<String> = (1..=MISSED).map(|i| i.to_string()).collect();
+    assert!(texts(&events) == expected, "exactly the missed events, in order");
+    // Live afterwards, with nothing in between: the sentinel is the next event.
+    insert_messages(&sql, 100_000, 100_001).await;
+    assert_eq!(back.next_event().await["data"]["text"], "100000");
+}
+
+#[tokio::test]
+async fn many_clients_resuming_while_writes_race_each_get_every_event_once_in_order() {
+    const CLIENTS: usize = 8;
+    const BEFORE: usize = 300;
+    const DURING: usize = 700;
+    let q = Quill::start().await;
+    let sql = q.sql().await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    insert_messages(&sql, 0, 1).await;
+    let since = ws.next_event().await["seq"].as_i64().expect("seq");
+    drop(ws);
+    insert_messages(&sql, 1, BEFORE + 1).await;
+    // The writer races every resume and its hand-over to live delivery.
+    let writer = {
+        let sql = sql.clone();
+        tokio::spawn(async move { insert_messages(&sql, BEFORE + 1, BEFORE + DURING + 1).await })
+    };
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let url = format!("ws://{}/ws", q.addr);
+        clients.push(tokio::spawn(async move {
+            let mut ws = crate::support::Ws::connect(&url).await;
+            ws.ok("subscribe", "messages", json!({"since": since})).await;
+            texts(&ws.events(BEFORE + DURING).await)
+        }));
+    }
+    writer.await.expect("writer");
+    let expected: Vec<String> = (1..=BEFORE + DURING).map(|i| i.to_string()).collect();
+    for client in clients {
+        let got = client.await.expect("client");
+        assert!(got == expected, "every event once, in order");
+    }
+}

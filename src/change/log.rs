@@ -53,23 +53,6 @@ impl TickCursor {
         }
     }
 
-    /// Queues the ticks after `last_tick`, up to `until` if given.
-    async fn extend(&mut self, pool: &PgPool, until: Option<i64>) -> Result<(), ChangeError> {
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM quill.tick WHERE id > $1 AND ($2::bigint IS NULL OR id <= $2) ORDER BY id LIMIT $3",
-        )
-        .bind(self.last_tick)
-        .bind(until)
-        .bind(TICKS_PER_READ)
-        .fetch_all(pool)
-        .await?;
-        for id in ids {
-            self.pending.push_back((self.last_tick, id));
-            self.last_tick = id;
-        }
-        Ok(())
-    }
-
     /// The next page of changes, or `None` when every queued tick is read. On error nothing
     /// is consumed.
     async fn next_page(&mut self, pool: &PgPool) -> Result<Option<Vec<Change>>, ChangeError> {
@@ -107,11 +90,29 @@ impl TickCursor {
         Ok(true)
     }
 
-    /// Skips the changes of the current tick up to and including `seq`.
-    fn skip_through(&mut self, seq: i64) {
-        if let Some((_, seqs, done)) = &mut self.current {
-            *done = seqs.partition_point(|s| *s <= seq);
+    /// Takes the rows of `quill.poll`/`quill.read_ticks`: returns their changes, queues the
+    /// ticks to read page by page, and moves past the rest. False when there were no rows.
+    fn absorb(&mut self, rows: Vec<Polled>) -> Result<(Vec<Change>, bool), ChangeError> {
+        let mut changes = Vec::with_capacity(rows.len());
+        let mut later = Vec::new();
+        let mut newest = None;
+        for row in rows {
+            newest = Some(row.tick);
+            match (row.seq, row.table_schema, row.table_name, row.kind, row.row_data) {
+                _ if row.read_later => later.push((row.prev, row.tick)),
+                (Some(seq), Some(schema), Some(table), Some(kind), Some(data)) => {
+                    changes.push(change(seq, row.tick, schema, table, kind, data.0)?);
+                }
+                _ => {} // a tick without changes
+            }
         }
+        if let Some(newest) = newest
+            && later.is_empty()
+        {
+            self.last_tick = newest;
+        }
+        self.queue(later);
+        Ok((changes, newest.is_some()))
     }
 }
 
@@ -288,26 +289,7 @@ impl LogReader {
             }
             None => query.fetch_all(&self.pool).await?,
         };
-        let mut changes = Vec::with_capacity(rows.len());
-        let mut later = Vec::new();
-        let mut newest = None;
-        for row in rows {
-            newest = Some(row.tick);
-            match (row.seq, row.table_schema, row.table_name, row.kind, row.row_data) {
-                _ if row.read_later => later.push((row.prev, row.tick)),
-                (Some(seq), Some(schema), Some(table), Some(kind), Some(data)) => {
-                    changes.push(change(seq, row.tick, schema, table, kind, data.0)?);
-                }
-                _ => {} // a tick without changes
-            }
-        }
-        if let Some(newest) = newest
-            && later.is_empty()
-        {
-            self.cursor.last_tick = newest;
-        }
-        self.cursor.queue(later);
-        Ok((changes, newest.is_some()))
+        self.cursor.absorb(rows)
     }
 
     /// Moves past ticks that were pruned before this reader read them.
@@ -360,17 +342,14 @@ pub async fn newest_seq(pool: &PgPool) -> Result<i64, ChangeError> {
 
 /// The changes after a position, in delivery order: what a resuming client missed. It reads
 /// up to a tick that the caller moves forward ([`Replay::extend_to`]) until it meets live
-/// delivery, a page at a time and at most [`TICKS_PER_READ`] ticks queued, so any span
+/// delivery: many small ticks in one round trip, a big one page by page, so any span
 /// replays in bounded memory.
 pub struct Replay {
     pool: PgPool,
     cursor: TickCursor,
-    skip_first: Option<i64>,
+    after: Position,
     until: i64,
 }
-
-/// Ticks listed per read of `quill.tick`.
-const TICKS_PER_READ: i64 = 10_000;
 
 impl Replay {
     pub async fn new(pool: PgPool, after: Position) -> Result<Replay, ChangeError> {
@@ -383,7 +362,7 @@ impl Replay {
         Ok(Replay {
             pool,
             cursor: TickCursor::after(prev),
-            skip_first: Some(after.seq),
+            after,
             until: prev,
         })
     }
@@ -396,26 +375,37 @@ impl Replay {
     /// The next page, or `None` once every change up to the `extend_to` tick was returned.
     pub async fn next_page(&mut self) -> Result<Option<Vec<Change>>, ChangeError> {
         loop {
-            if self.cursor.pending.is_empty() && self.cursor.last_tick < self.until {
-                self.cursor.extend(&self.pool, Some(self.until)).await?;
-                if self.cursor.pending.is_empty() {
-                    // No tick left up to `until`: nothing more to read.
-                    self.cursor.last_tick = self.until;
+            let mut page = match self.cursor.next_page(&self.pool).await? {
+                Some(page) => page,
+                None if self.cursor.last_tick >= self.until => return Ok(None),
+                None => {
+                    let rows = sqlx::query_as::<_, Polled>(
+                        "SELECT prev, tick, read_later, seq, table_schema, table_name, kind, row_data
+                         FROM quill.read_ticks($1, $2, $3)",
+                    )
+                    .bind(self.cursor.last_tick)
+                    .bind(self.until)
+                    .bind(PAGE as i32)
+                    .fetch_all(&self.pool)
+                    .await?;
+                    let (changes, any) = self.cursor.absorb(rows)?;
+                    if !any {
+                        // No tick left up to `until`: nothing more to read.
+                        self.cursor.last_tick = self.until;
+                    }
+                    changes
                 }
-            }
-            if let Some(seq) = self.skip_first {
-                // Open the first tick and drop what the client already has.
-                if self.cursor.open_next(&self.pool).await? {
-                    self.cursor.skip_through(seq);
-                    self.skip_first = None;
-                } else {
-                    return Ok(None);
-                }
-            }
-            match self.cursor.next_page(&self.pool).await? {
-                Some(page) => return Ok(Some(page)),
-                None if self.cursor.last_tick < self.until => continue,
-                None => return Ok(None),
+            };
+            // The client has everything up to `after`.
+            let after = self.after;
+            page.retain(|c| {
+                Position {
+                    tick: c.tick,
+                    seq: c.seq,
+                } > after
+            });
+            if !page.is_empty() {
+                return Ok(Some(page));
             }
         }
     }
