@@ -6,9 +6,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Authenticator, id_text};
-use crate::change::{Change, ChangeSource};
+use crate::change::{Change, ChangeError, ChangeSource};
 use crate::event::{EventKind, Position, ServiceEvent};
-use crate::hub::Hub;
+use crate::hub::{Cutoff, Hub};
 use crate::metrics::Metrics;
 use crate::service::{Service, Services};
 
@@ -44,6 +44,16 @@ pub async fn deliver<S: ChangeSource>(
                     metrics.delivered_tick.set(last.tick);
                 }
             }
+            Err(ChangeError::Gap { after_tick }) => {
+                // Nobody can be told exactly what they missed: every subscriber reloads.
+                tracing::error!(
+                    after_tick,
+                    "the change log was pruned past the reader: events were lost"
+                );
+                metrics.change_log_gaps.inc();
+                metrics.last_gap_unix.set(unix_now());
+                hub.cut_off_subscribers(Cutoff::Reload, "events were lost: reload, then subscribe again");
+            }
             Err(e) => {
                 metrics.reader_up.set(0);
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reading the change log failed");
@@ -55,6 +65,12 @@ pub async fn deliver<S: ChangeSource>(
             }
         }
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn publish(change: &Change, services: &Services, hub: &Hub) {

@@ -13,6 +13,7 @@ mod recovery;
 mod rest_crud;
 mod rest_query;
 mod resume;
+mod retention;
 mod slow_consumers;
 mod startup;
 mod ws_protocol;

@@ -31,7 +31,7 @@ struct TickCursor {
     /// Ticks to read: (previous tick, tick).
     pending: VecDeque<(i64, i64)>,
     /// The tick being read, its seqs and how many were returned.
-    current: Option<(i64, Vec<i64>, usize)>,
+    current: Option<(i64, i64, Vec<i64>, usize)>,
     /// The newest tick id queued into `pending`.
     last_tick: i64,
 }
@@ -57,7 +57,7 @@ impl TickCursor {
     /// is consumed.
     async fn next_page(&mut self, pool: &PgPool) -> Result<Option<Vec<Change>>, ChangeError> {
         loop {
-            if let Some((tick, seqs, done)) = &mut self.current
+            if let Some((_, tick, seqs, done)) = &mut self.current
                 && *done < seqs.len()
             {
                 let end = (*done + PAGE).min(seqs.len());
@@ -86,8 +86,18 @@ impl TickCursor {
             .fetch_all(pool)
             .await?;
         self.pending.pop_front();
-        self.current = Some((tick, seqs, 0));
+        self.current = Some((prev, tick, seqs, 0));
         Ok(true)
+    }
+
+    /// The tick through which every change has been returned: the pruner may go up to it,
+    /// and it must keep it (it bounds the next batch from below).
+    fn read_through(&self) -> i64 {
+        match (&self.current, self.pending.front()) {
+            (Some((prev, _, seqs, done)), _) if *done < seqs.len() => *prev,
+            (_, Some((prev, _))) => *prev,
+            _ => self.last_tick,
+        }
     }
 
     /// Takes the rows of `quill.poll`/`quill.read_ticks`: returns their changes, queues the
@@ -161,6 +171,19 @@ struct Polled {
     row_data: Option<Json<Value>>,
 }
 
+/// How often a reader records its position in `quill.reader` (the pruner's floor). A
+/// record that lags only keeps a little more of the log.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// The reader's row in `quill.reader`, held on its own session.
+struct Registration {
+    key: i32,
+    /// The session generation it was recorded on (its lock lives on that session).
+    generation: Option<u64>,
+    reported: i64,
+    at: Instant,
+}
+
 /// The live reader: waits for wake-ups, makes ticks, returns their batches.
 pub struct LogReader {
     pool: PgPool,
@@ -172,6 +195,7 @@ pub struct LogReader {
     /// When the reader last looked for new ticks.
     last_look: Instant,
     presence: Presence,
+    registration: Registration,
     metrics: Arc<Metrics>,
 }
 
@@ -187,7 +211,9 @@ impl LogReader {
         let last_tick: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM quill.tick")
             .fetch_one(&pool)
             .await?;
-        Ok(Self {
+        let mut key = [0u8; 4];
+        getrandom::fill(&mut key).map_err(|_| ChangeError::Random)?;
+        let mut reader = Self {
             pool,
             wake,
             poll,
@@ -195,8 +221,51 @@ impl LogReader {
             eager: true,
             last_look: Instant::now(),
             presence: Presence::new(metrics.clone()),
+            registration: Registration {
+                key: i32::from_le_bytes(key),
+                generation: None,
+                reported: last_tick,
+                at: Instant::now(),
+            },
             metrics,
-        })
+        };
+        // Registered before the first read, so that no pruner passes it from the start.
+        reader.presence.open(&reader.pool).await?;
+        reader.report().await?;
+        Ok(reader)
+    }
+
+    /// Records where this reader is, so that no pruner deletes what it has not read: at
+    /// once on a new session (whose lock marks the reader alive), else at most every
+    /// [`REPORT_EVERY`] while it moves.
+    async fn report(&mut self) -> Result<(), sqlx::Error> {
+        let through = self.cursor.read_through();
+        let generation = self.presence.generation();
+        let new_session = self.registration.generation != Some(generation);
+        let due = through != self.registration.reported && self.registration.at.elapsed() >= REPORT_EVERY;
+        if !new_session && !due {
+            return Ok(());
+        }
+        let Some(conn) = self.presence.session() else {
+            return Ok(());
+        };
+        let reported = sqlx::query("SELECT quill.report_reader($1, $2, $3)")
+            .bind(self.registration.key)
+            .bind(through)
+            .bind(new_session)
+            .execute(conn)
+            .await;
+        if let Err(e) = reported {
+            self.presence.lose_session();
+            return Err(e);
+        }
+        self.registration = Registration {
+            generation: Some(generation),
+            reported: through,
+            at: Instant::now(),
+            ..self.registration
+        };
+        Ok(())
     }
 }
 
@@ -214,8 +283,7 @@ impl ChangeSource for LogReader {
                 Ok(Some(page)) => return Ok(page),
                 Ok(None) => {}
                 Err(e) if e.is_pruned() => {
-                    self.skip_pruned().await?;
-                    continue;
+                    return Err(self.skip_pruned().await);
                 }
                 Err(e) => return Err(e),
             }
@@ -247,13 +315,15 @@ impl ChangeSource for LogReader {
             self.eager = true;
             let (changes, new_ticks) = match self.poll().await {
                 Err(e) if e.is_pruned() => {
-                    self.skip_pruned().await?;
-                    continue;
+                    return Err(self.skip_pruned().await);
                 }
                 polled => polled?,
             };
             // Reading works (again): the pipeline only hears of non-empty batches.
             self.metrics.reader_up.set(1);
+            if let Err(e) = self.report().await {
+                tracing::debug!(error = %e, "cannot record the reader's position");
+            }
             if new_ticks && busy_before {
                 // New ticks twice in a row: busy, so writers need not wake us.
                 self.presence.start_busy().await;
@@ -292,17 +362,18 @@ impl LogReader {
         self.cursor.absorb(rows)
     }
 
-    /// Moves past ticks that were pruned before this reader read them.
-    async fn skip_pruned(&mut self) -> Result<(), ChangeError> {
-        let oldest: Option<i64> = sqlx::query_scalar("SELECT min(id) FROM quill.tick")
+    /// Moves past ticks that were pruned before this reader read them, and says so.
+    async fn skip_pruned(&mut self) -> ChangeError {
+        let oldest: Option<i64> = match sqlx::query_scalar("SELECT min(id) FROM quill.tick")
             .fetch_one(&self.pool)
-            .await?;
-        tracing::error!(
-            from_tick = self.cursor.last_tick,
-            "the change log was pruned past this reader's position: events were lost"
-        );
+            .await
+        {
+            Ok(oldest) => oldest,
+            Err(e) => return e.into(),
+        };
+        let after_tick = self.cursor.last_tick;
         self.cursor = TickCursor::after(oldest.unwrap_or(0));
-        Ok(())
+        ChangeError::Gap { after_tick }
     }
 }
 
@@ -319,17 +390,19 @@ pub enum ResumeError {
 
 /// Finds where the change with `seq` stands in the delivery order.
 pub async fn locate(pool: &PgPool, seq: i64) -> Result<Position, ResumeError> {
-    let (tick, oldest): (Option<i64>, Option<i64>) =
-        sqlx::query_as("SELECT quill.tick_of($1), (SELECT min(seq) FROM quill.change_log)")
+    // Pruning goes by commit order, so what is gone is not a seq range: the pruner keeps
+    // the newest seq it deleted. A seq a client was given and no longer in the log at or
+    // below it was pruned; above it, it was never delivered.
+    let (tick, pruned): (Option<i64>, i64) =
+        sqlx::query_as("SELECT quill.tick_of($1), (SELECT max_seq FROM quill.pruned)")
             .bind(seq)
             .fetch_one(pool)
             .await
             .map_err(ChangeError::from)?;
-    match (tick, oldest) {
-        (Some(tick), _) => Ok(Position { tick, seq }),
-        (None, Some(oldest)) if seq < oldest => Err(ResumeError::Gone(seq)),
-        (None, None) if seq > 0 => Err(ResumeError::Gone(seq)),
-        _ => Err(ResumeError::Unknown(seq)),
+    match tick {
+        Some(tick) => Ok(Position { tick, seq }),
+        None if seq <= pruned => Err(ResumeError::Gone(seq)),
+        None => Err(ResumeError::Unknown(seq)),
     }
 }
 

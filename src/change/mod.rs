@@ -39,6 +39,12 @@ pub enum ChangeError {
     Database(#[from] sqlx::Error),
     #[error("the change log holds an unknown kind '{0}'")]
     UnknownKind(String),
+    #[error("no randomness for the reader's key")]
+    Random,
+    /// Changes after `after_tick` were pruned before this reader read them: they are lost
+    /// to it. The reader has moved on past the gap; subscribers must reload.
+    #[error("the change log was pruned past this reader's position (tick {after_tick}): events were lost")]
+    Gap { after_tick: i64 },
 }
 
 impl ChangeError {
@@ -52,7 +58,9 @@ impl ChangeError {
 ///
 /// Contract: every committed change is returned exactly once and nothing from a rolled-back
 /// transaction ever is. Batches follow commit order; within a batch, changes follow `seq`, so
-/// changes to one row come in the order they were made. On error nothing is consumed.
+/// changes to one row come in the order they were made. On error nothing is consumed, except
+/// [`ChangeError::Gap`]: changes were lost (pruned unread), the source has moved past them,
+/// and whoever relied on seeing every change must start over.
 pub trait ChangeSource: Send {
     /// The next non-empty batch, waiting as long as needed.
     fn next_batch(&mut self) -> impl Future<Output = Result<Vec<Change>, ChangeError>> + Send;

@@ -37,6 +37,8 @@ pub(super) struct Presence {
     /// Took "waiting" but has not passed the gate since.
     gate_owed: bool,
     pending: Duration,
+    /// Counts the sessions opened, so that what is tied to a session is redone on a new one.
+    generation: u64,
     metrics: Arc<Metrics>,
 }
 
@@ -48,6 +50,7 @@ impl Presence {
             waiting: false,
             gate_owed: false,
             pending: PENDING_FIRST,
+            generation: 0,
             metrics,
         }
     }
@@ -108,9 +111,9 @@ impl Presence {
 
     /// `None` while the lock it needs is not to be had yet.
     async fn try_settle(&mut self, pool: &PgPool) -> Result<Option<Settled>, sqlx::Error> {
-        let conn = match &mut self.session {
-            Some(conn) => conn,
-            None => self.session.insert(pool.acquire().await?.detach()),
+        self.open(pool).await?;
+        let Some(conn) = self.session.as_mut() else {
+            return Ok(None);
         };
         if !self.alive {
             self.alive = sqlx::query_scalar("SELECT quill.hold_alive()")
@@ -149,6 +152,21 @@ impl Presence {
             tracing::warn!("the change reader's session was lost; opening another");
             self.lose_session();
         }
+    }
+
+    /// The reader's own session, opened if there is none.
+    pub(super) async fn open(&mut self, pool: &PgPool) -> Result<&mut PgConnection, sqlx::Error> {
+        if self.session.is_none() {
+            self.session = Some(pool.acquire().await?.detach());
+            self.generation += 1;
+        }
+        // Just set when it was missing.
+        self.session.as_mut().ok_or(sqlx::Error::PoolClosed)
+    }
+
+    /// Which session [`Presence::session`] is: a new number after every reconnect.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The reader's own session, for its looks at the log.

@@ -316,6 +316,16 @@ impl Hub {
         }
     }
 
+    /// Cuts off every connection with a subscription (all of them must start over).
+    pub fn cut_off_subscribers(&self, cutoff: Cutoff, reason: &'static str) {
+        let state = self.read();
+        for member in state.members.values() {
+            if !member.subscriptions.is_empty() || member.all_services.is_some() {
+                member.kick.fire(cutoff, reason);
+            }
+        }
+    }
+
     /// Records that events of `tick` are about to be published (ticks only move forward).
     pub fn begin_tick(&self, tick: i64) {
         if self.started_tick.fetch_max(tick, Ordering::SeqCst) < tick {

@@ -58,6 +58,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// How long `/ready` stays not ready after a gap in the change log, so that monitoring sees
+/// it even if it polls slowly.
+const GAP_UNREADY_SECONDS: u64 = 60;
+
 /// The process is up.
 async fn health() -> &'static str {
     "ok"
@@ -73,6 +77,13 @@ async fn ready(State(state): State<AppState>) -> Response {
         .await
         .is_ok_and(|r| r.is_ok());
     let unready = |why: &'static str| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last_gap = u64::try_from(state.metrics.last_gap_unix.get()).unwrap_or(0);
+    if last_gap > 0 && now.saturating_sub(last_gap) < GAP_UNREADY_SECONDS {
+        return unready("not ready: the change log had a gap, events were lost (see quill_change_log_gaps_total)");
+    }
     match (database, listening, reading) {
         (true, true, true) => "ready".into_response(),
         (false, _, _) => unready("not ready: database unreachable"),

@@ -135,6 +135,31 @@ impl Quill {
         }
     }
 
+    /// Waits until quill's reader has recorded (for the pruner) that it read every tick
+    /// there is now.
+    pub async fn wait_until_reader_recorded(&self) {
+        let sql = self.sql().await;
+        let newest: i64 = sqlx::query_scalar("SELECT max(id) FROM quill.tick")
+            .fetch_one(&sql)
+            .await
+            .expect("newest tick");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let read: Option<i64> = sqlx::query_scalar("SELECT max(read_tick) FROM quill.reader")
+                .fetch_one(&sql)
+                .await
+                .expect("reader");
+            if read.is_some_and(|r| r >= newest) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the reader never recorded tick {newest}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self) -> String {
         let response = self.http.get(self.url("/metrics")).send().await.expect("metrics");
