@@ -20,6 +20,39 @@ async fn a_missing_table_or_column_fails_start_up_with_its_name() {
 }
 
 #[tokio::test]
+async fn tables_without_a_unique_single_column_id_are_refused_at_start_up_by_name() {
+    let db = crate::support::pg::TestDb::create().await;
+    let sql = sqlx::PgPool::connect(&db.url).await.expect("connect");
+    sqlx::raw_sql(
+        "CREATE TABLE keyless (id int, note text);
+         CREATE TABLE pairs (a int, b int, note text, PRIMARY KEY (a, b));
+         CREATE TABLE keyed (id int PRIMARY KEY, code int);
+         CREATE TABLE coded (id int PRIMARY KEY, code int NOT NULL UNIQUE);",
+    )
+    .execute(&sql)
+    .await
+    .expect("tables");
+    let refused = [
+        (
+            "[services.keyless]",
+            "public.keyless cannot be served safely: it has no primary key",
+        ),
+        ("[services.pairs]\nid = \"a\"", "primary key (a, b) is composite"),
+        ("[services.keyed]\nid = \"code\"", "id column 'code' is not unique"),
+    ];
+    for (toml, expected) in refused {
+        let config = Config::from_toml(toml).expect("valid toml");
+        let err = Quill::start_error_on(&db, config).await;
+        assert!(err.to_string().contains(expected), "{err}");
+    }
+    // A unique NOT NULL column other than the primary key is a fine id.
+    let config = Config::from_toml("[services.coded]\nid = \"code\"").expect("valid toml");
+    let q = Quill::start_on(db, config).await;
+    let (status, _) = q.rest("GET", "/coded", None).await;
+    assert_eq!(status, 401, "served (and closed to anonymous callers by default)");
+}
+
+#[tokio::test]
 async fn two_instances_on_one_database_both_deliver_every_change_once() {
     let a = Quill::start().await;
     let db = crate::support::pg::TestDb {

@@ -28,8 +28,53 @@ pub enum CatalogError {
         table: String,
         column: String,
     },
+    /// Events and calls name a row by its id: without a unique, non-null id quill could
+    /// merge or misroute rows.
+    #[error("service '{service}': table {schema}.{table} cannot be served safely: {why}")]
+    NoUniqueId {
+        service: String,
+        schema: String,
+        table: String,
+        why: String,
+    },
     #[error("cannot read the catalog")]
     Database(#[from] sqlx::Error),
+}
+
+/// Why `id_column` cannot identify rows of `qualified`, if it cannot: it must be the
+/// primary key, or NOT NULL with a single-column unique index (composite keys are not
+/// supported: an event names its row by one value).
+async fn id_problem(pool: &PgPool, qualified: &str, id_column: &str) -> Result<Option<String>, CatalogError> {
+    let (primary, unique_not_null): (Option<Vec<String>>, bool) = sqlx::query_as(
+        "SELECT
+           (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_index i
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+            WHERE i.indrelid = to_regclass($1) AND i.indisprimary),
+           EXISTS (SELECT 1 FROM pg_index i
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+            WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indnkeyatts = 1
+              AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = $2 AND a.attnotnull)",
+    )
+    .bind(qualified)
+    .bind(id_column)
+    .fetch_one(pool)
+    .await?;
+    if unique_not_null {
+        return Ok(None);
+    }
+    Ok(Some(match primary {
+        None => format!(
+            "it has no primary key, and its id column '{id_column}' is not NOT NULL with a unique index; add a primary key"
+        ),
+        Some(key) if key.len() > 1 => format!(
+            "its primary key ({}) is composite, which quill does not support, and '{id_column}' is not unique on its own; add a single-column key and set `id`",
+            key.join(", ")
+        ),
+        Some(key) => format!(
+            "its id column '{id_column}' is not unique (the primary key is '{}'); set `id` to a unique column",
+            key.join(", ")
+        ),
+    }))
 }
 
 /// A column and what quill needs to bind values to it.
@@ -141,6 +186,14 @@ impl Table {
             .find(|c| !columns.iter().any(|col| &col.name == *c))
         {
             return Err(missing_column(column));
+        }
+        if let Some(why) = id_problem(pool, &qualified, id_column).await? {
+            return Err(CatalogError::NoUniqueId {
+                service: service.into(),
+                schema: schema.into(),
+                table: name.into(),
+                why,
+            });
         }
         Ok(Table {
             schema: schema.into(),

@@ -108,7 +108,11 @@ impl Quill {
 
     /// Like `start_with`, but returns quill's start-up error.
     pub async fn start_error(config: Config) -> quill::GatewayError {
-        let db = pg::TestDb::create().await;
+        Self::start_error_on(&pg::TestDb::create().await, config).await
+    }
+
+    /// The start-up error of a quill on an existing database.
+    pub async fn start_error_on(db: &pg::TestDb, config: Config) -> quill::GatewayError {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         tokio::time::timeout(
             WAIT,
