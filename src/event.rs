@@ -13,6 +13,8 @@ pub enum EventKind {
     Updated,
     Patched,
     Removed,
+    /// The whole table was emptied (`TRUNCATE`): the event carries no row.
+    Truncated,
 }
 
 impl EventKind {
@@ -22,6 +24,7 @@ impl EventKind {
             Self::Updated => "updated",
             Self::Patched => "patched",
             Self::Removed => "removed",
+            Self::Truncated => "truncated",
         }
     }
 
@@ -31,6 +34,7 @@ impl EventKind {
             "updated" => Some(Self::Updated),
             "patched" => Some(Self::Patched),
             "removed" => Some(Self::Removed),
+            "truncated" => Some(Self::Truncated),
             _ => None,
         }
     }

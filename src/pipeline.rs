@@ -90,6 +90,11 @@ fn publish(change: &Change, services: &Services, hub: &Hub) {
 
 /// Live authorization: `connection.user` follows the users table, whoever wrote it.
 fn apply_user_change(auth: &Authenticator, change: &Change, hub: &Hub) {
+    if change.kind == EventKind::Truncated {
+        auth.forget_everyone();
+        hub.logout_everyone("user removed");
+        return;
+    }
     let Some(id) = id_text(&change.row, &auth.entity().table.id().name) else {
         return;
     };

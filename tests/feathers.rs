@@ -109,3 +109,9 @@ async fn a_stalled_socketio_client_is_cut_off_while_a_healthy_one_gets_everythin
     let q = Quill::start_with(config).await;
     node_test(&q, "isolation.test.mjs", &[]).await;
 }
+
+#[tokio::test]
+async fn a_feathers_client_hears_of_a_truncate() {
+    let q = Quill::start().await;
+    node_test(&q, "truncate.test.mjs", &[]).await;
+}

@@ -16,4 +16,5 @@ mod resume;
 mod retention;
 mod slow_consumers;
 mod startup;
+mod truncate;
 mod ws_protocol;

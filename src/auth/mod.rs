@@ -226,6 +226,13 @@ impl Authenticator {
         }
     }
 
+    /// The users table was emptied: every token is checked afresh from now on.
+    pub fn forget_everyone(&self) {
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.clear();
+        }
+    }
+
     async fn check(&self, token: &str) -> Result<Principal> {
         match self.tokens.verify(token) {
             Ok(claims) => {

@@ -18,7 +18,7 @@ pub use template::TemplatePublisher;
 pub use visibility::Visibility;
 
 use crate::auth::Principal;
-use crate::event::ServiceEvent;
+use crate::event::{EventKind, ServiceEvent};
 use crate::hub::RenderedEvent;
 
 /// Everyone connected.
@@ -39,6 +39,30 @@ pub fn role_channel(role: &str) -> String {
 /// Names the channels an event is published to (Feathers' `service.publish`).
 pub trait Publisher: Send + Sync {
     fn channels(&self, event: &ServiceEvent) -> Vec<String>;
+
+    /// The channels that any row's events could go to: an event without a row (a
+    /// truncate) goes to their members. By default every channel; code publishers that
+    /// keep rows from some connections should say which.
+    fn reach(&self) -> Vec<ChannelPattern> {
+        vec![ChannelPattern::Prefix(String::new())]
+    }
+}
+
+/// A channel name, or every channel whose name starts with a prefix (`users/` for the
+/// template `users/{user_id}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl ChannelPattern {
+    pub fn matches(&self, channel: &str) -> bool {
+        match self {
+            ChannelPattern::Exact(name) => channel == name,
+            ChannelPattern::Prefix(prefix) => channel.starts_with(prefix.as_str()),
+        }
+    }
 }
 
 impl<F> Publisher for F
@@ -90,6 +114,11 @@ impl Policy {
     pub fn prepare<'a>(&'a self, event: &'a ServiceEvent) -> Prepared<'a> {
         Prepared {
             channels: guarded("publisher", Vec::new(), || self.publisher.channels(event)),
+            reach: if event.kind == EventKind::Truncated {
+                guarded("publisher", Vec::new(), || self.publisher.reach())
+            } else {
+                Vec::new()
+            },
             policy: self,
             event,
             frames: Vec::new(),
@@ -100,6 +129,8 @@ impl Policy {
 /// An event on its way out: its channels and its rendered views.
 pub struct Prepared<'a> {
     pub channels: Vec<String>,
+    /// For an event without a row: the channels any row could reach.
+    pub reach: Vec<ChannelPattern>,
     pub event: &'a ServiceEvent,
     policy: &'a Policy,
     /// One rendering per distinct view, built on first use.
@@ -148,8 +179,10 @@ fn render(event: &ServiceEvent, data: &Value) -> Arc<RenderedEvent> {
     ws.extend_from_slice(b"\",\"service\":");
     // Service names are letters, digits, '_' and '-': no escaping needed, but stay exact.
     ws.extend_from_slice(&serde_json::to_vec(&*event.service).unwrap_or_default());
-    ws.extend_from_slice(b",\"data\":");
-    ws.extend_from_slice(&data);
+    if event.kind != EventKind::Truncated {
+        ws.extend_from_slice(b",\"data\":");
+        ws.extend_from_slice(&data);
+    }
     ws.extend_from_slice(b",\"seq\":");
     ws.extend_from_slice(event.position.seq.to_string().as_bytes());
     ws.push(b'}');
@@ -165,7 +198,7 @@ fn render(event: &ServiceEvent, data: &Value) -> Arc<RenderedEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{EventKind, Position};
+    use crate::event::Position;
     use serde_json::json;
 
     #[test]

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::Publisher;
+use super::{ChannelPattern, Publisher};
 use crate::event::ServiceEvent;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +58,22 @@ fn parse_one(template: &str) -> Result<Vec<Part>, String> {
 }
 
 impl Publisher for TemplatePublisher {
+    fn reach(&self) -> Vec<ChannelPattern> {
+        self.templates
+            .iter()
+            .map(|template| {
+                let mut prefix = String::new();
+                for part in template {
+                    match part {
+                        Part::Text(t) => prefix.push_str(t),
+                        Part::Field(_) => return ChannelPattern::Prefix(prefix),
+                    }
+                }
+                ChannelPattern::Exact(prefix)
+            })
+            .collect()
+    }
+
     fn channels(&self, event: &ServiceEvent) -> Vec<String> {
         let mut out = Vec::with_capacity(self.templates.len());
         'templates: for template in &self.templates {

@@ -44,7 +44,7 @@ pub enum Frame {
 pub struct KindSet(u8);
 
 impl KindSet {
-    pub const ALL: KindSet = KindSet(0b1111);
+    pub const ALL: KindSet = KindSet(0b1_1111);
 
     pub fn of(kinds: &[EventKind]) -> KindSet {
         KindSet(kinds.iter().fold(0, |acc, k| acc | Self::bit(*k)))
@@ -56,6 +56,7 @@ impl KindSet {
             EventKind::Updated => 2,
             EventKind::Patched => 4,
             EventKind::Removed => 8,
+            EventKind::Truncated => 16,
         }
     }
 
@@ -84,7 +85,9 @@ impl Subscription {
     }
 
     pub fn wants(&self, kind: EventKind, row: &serde_json::Value) -> bool {
-        self.kinds.contains(kind) && self.query.as_ref().is_none_or(|q| q.matches(row))
+        // A truncate empties every query's rows: it has no row to match.
+        self.kinds.contains(kind)
+            && (kind == EventKind::Truncated || self.query.as_ref().is_none_or(|q| q.matches(row)))
     }
 }
 

@@ -23,6 +23,7 @@ pub use member::{ConnId, Cutoff, Frame, Kick, KindSet, RenderedEvent, Subscripti
 
 use crate::auth::Principal;
 use crate::channel::{self, Prepared};
+use crate::event::EventKind;
 use crate::metrics::Metrics;
 
 const SLOW_CONSUMER: &str = "slow consumer: outgoing queue full";
@@ -95,6 +96,19 @@ impl State {
             }
             None => self.join_channel(conn, channel::ANONYMOUS),
         }
+    }
+}
+
+/// Whether a member is in a channel the event goes to (for an event without a row: any
+/// channel that a row of its service could reach).
+fn reached(member: &Member, prepared: &Prepared<'_>) -> bool {
+    if prepared.event.kind == EventKind::Truncated {
+        member
+            .channels
+            .iter()
+            .any(|c| prepared.reach.iter().any(|p| p.matches(c)))
+    } else {
+        prepared.channels.iter().any(|c| member.channels.contains(c.as_str()))
     }
 }
 
@@ -341,6 +355,9 @@ impl Hub {
 
     /// Offers an event to every connection that may have it. Never blocks.
     pub fn publish(&self, prepared: &mut Prepared<'_>) {
+        if prepared.event.kind == EventKind::Truncated {
+            return self.publish_rowless(prepared);
+        }
         {
             let state = self.read();
             let service: &str = &prepared.event.service;
@@ -372,11 +389,38 @@ impl Hub {
                     let Some(member) = state.members.get(conn) else {
                         continue;
                     };
-                    let listed = prepared.channels.iter().any(|c| member.channels.contains(c.as_str()));
-                    if let (true, Some(sub)) = (listed, member.subscription(service)) {
+                    if let (true, Some(sub)) = (reached(member, prepared), member.subscription(service)) {
                         self.offer_to(*conn, member, sub, prepared);
                     }
                 }
+            }
+        }
+    }
+
+    /// An event without a row (a truncate) goes to the service's subscribers that are in a
+    /// channel any of its rows could reach.
+    fn publish_rowless(&self, prepared: &mut Prepared<'_>) {
+        let state = self.read();
+        let service: &str = &prepared.event.service;
+        let subscribers = state.by_service.get(service).into_iter().flatten();
+        for conn in subscribers.chain(state.all_services.iter()) {
+            let Some(member) = state.members.get(conn) else {
+                continue;
+            };
+            if let (true, Some(sub)) = (reached(member, prepared), member.subscription(service)) {
+                self.offer_to(*conn, member, sub, prepared);
+            }
+        }
+    }
+
+    /// Logs out every logged-in connection, telling each why (the users table was emptied).
+    pub fn logout_everyone(&self, reason: &'static str) {
+        let mut state = self.write();
+        let conns: Vec<ConnId> = state.by_user.values().flatten().copied().collect();
+        for conn in conns {
+            state.set_principal(conn, None);
+            if let Some(member) = state.members.get(&conn) {
+                self.offer(conn, member, Frame::Logout { reason });
             }
         }
     }
@@ -422,9 +466,8 @@ impl Hub {
     pub fn replay_frame(&self, conn: ConnId, prepared: &mut Prepared<'_>) -> Option<Frame> {
         let state = self.read();
         let member = state.members.get(&conn)?;
-        let listed = prepared.channels.iter().any(|c| member.channels.contains(c.as_str()));
         let sub = member.subscription(&prepared.event.service)?;
-        if !listed || !sub.wants(prepared.event.kind, &prepared.event.data) {
+        if !reached(member, prepared) || !sub.wants(prepared.event.kind, &prepared.event.data) {
             return None;
         }
         let view = prepared.view_for(member.principal.as_deref())?;

@@ -15,13 +15,15 @@ pub struct CaptureError {
 }
 
 /// The triggers, by name: (name, event, transition table clause).
-const TRIGGERS: [(&str, &str, &str); 3] = [
+const TRIGGERS: [(&str, &str, &str); 4] = [
     ("quill_capture_insert", "INSERT", "REFERENCING NEW TABLE AS quill_new"),
     ("quill_capture_update", "UPDATE", "REFERENCING NEW TABLE AS quill_new"),
     ("quill_capture_delete", "DELETE", "REFERENCING OLD TABLE AS quill_old"),
+    // TRUNCATE triggers have no transition tables: one change for the whole table.
+    ("quill_capture_truncate", "TRUNCATE", ""),
 ];
 
-/// Makes sure the three capture triggers exist on `table`.
+/// Makes sure the capture triggers exist on `table`.
 pub async fn install_capture(pool: &PgPool, table: &Table) -> Result<(), CaptureError> {
     let err = |source| CaptureError {
         table: format!("{}.{}", table.schema, table.name),
