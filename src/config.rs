@@ -58,6 +58,10 @@ pub struct Config {
     /// How long the change log keeps changes for clients resuming with `since`.
     #[serde(default)]
     pub retention: Retention,
+    /// How often quill checks the configured tables for schema changes (at once, too, when
+    /// its DDL event trigger reports one).
+    #[serde(default = "default_schema_check_interval_ms")]
+    pub schema_check_interval_ms: u64,
     /// What one connection, one client address and the whole process may use.
     #[serde(default)]
     pub limits: Limits,
@@ -434,6 +438,9 @@ fn default_slow_consumer_timeout_ms() -> u64 {
 fn default_poll_interval_ms() -> u64 {
     2000
 }
+fn default_schema_check_interval_ms() -> u64 {
+    5000
+}
 fn default_id() -> String {
     "id".to_owned()
 }
@@ -449,6 +456,7 @@ impl Default for Config {
             slow_consumer_timeout_ms: default_slow_consumer_timeout_ms(),
             poll_interval_ms: default_poll_interval_ms(),
             retention: Retention::default(),
+            schema_check_interval_ms: default_schema_check_interval_ms(),
             limits: Limits::default(),
             authentication: None,
             demo_tables: false,
@@ -555,6 +563,10 @@ impl Config {
 
     pub fn slow_consumer_timeout(&self) -> Duration {
         Duration::from_millis(self.slow_consumer_timeout_ms)
+    }
+
+    pub fn schema_check_interval(&self) -> Duration {
+        Duration::from_millis(self.schema_check_interval_ms.max(100))
     }
 
     pub fn poll_interval(&self) -> Duration {

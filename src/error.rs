@@ -77,6 +77,9 @@ pub struct Error {
     pub message: String,
     /// Per-field messages (`errors` in Feathers JSON), e.g. which column violated a constraint.
     pub errors: Option<Map<String, Value>>,
+    /// The database named a column or table quill's catalog has and the database no longer
+    /// does: the catalog is stale (reload it and try again).
+    pub(crate) schema_changed: bool,
 }
 
 impl Error {
@@ -85,6 +88,7 @@ impl Error {
             kind,
             message: message.into(),
             errors: None,
+            schema_changed: false,
         }
     }
 

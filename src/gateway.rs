@@ -16,12 +16,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::change::monitor::run_monitor;
 use crate::change::retention::run_pruner;
-use crate::change::{ChangeError, LogReader, run_listener};
+use crate::change::{ChangeError, LogReader, Wakeups, run_listener};
 use crate::channel::{EventFilter, Publisher};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::pipeline;
+use crate::service::watch::watch_schema;
 use crate::service::{ServiceExtensions, Services, SetupError};
 use crate::transport::limits::ConnectionLimiter;
 use crate::transport::{self, AppState, router};
@@ -135,9 +136,18 @@ pub async fn run_with(
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
 
-    let wake = Arc::new(Notify::new());
+    let wake = Wakeups {
+        changes: Arc::new(Notify::new()),
+        schema: services.schema_changed(),
+    };
     tracker.spawn(run_listener(database_url, wake.clone(), metrics.clone(), token.clone()));
-    let reader = LogReader::start(pool.clone(), wake, config.poll_interval(), metrics.clone()).await?;
+    tracker.spawn(watch_schema(
+        services.clone(),
+        wake.schema.clone(),
+        config.schema_check_interval(),
+        token.clone(),
+    ));
+    let reader = LogReader::start(pool.clone(), wake.changes, config.poll_interval(), metrics.clone()).await?;
     metrics.delivered_tick.set(reader.position());
     // Resumes replay up to the tick live delivery starts from.
     hub.begin_tick(reader.position());

@@ -83,6 +83,9 @@ fn publish(change: &Change, services: &Services, hub: &Hub) {
         {
             apply_user_change(auth, change, hub);
         }
+        if change.kind != EventKind::Truncated {
+            services.check_row_shape(service, &change.row);
+        }
         let event = event_for(change, service);
         hub.publish(&mut service.policy.prepare(&event));
     }
@@ -95,7 +98,7 @@ fn apply_user_change(auth: &Authenticator, change: &Change, hub: &Hub) {
         hub.logout_everyone("user removed");
         return;
     }
-    let Some(id) = id_text(&change.row, &auth.entity().table.id().name) else {
+    let Some(id) = id_text(&change.row, &auth.entity().table().id().name) else {
         return;
     };
     auth.forget_user(&id);

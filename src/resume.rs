@@ -62,7 +62,7 @@ pub async fn replay(
     after: Position,
     frames: &Sender<Frame>,
 ) -> Result<(), ResumeFailed> {
-    let table = &service.table;
+    let table = service.table();
     let mut replay = Replay::new(pool, after).await?;
     loop {
         let until = caught_up_to(hub, after.tick).await?;

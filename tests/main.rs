@@ -14,6 +14,7 @@ mod rest_crud;
 mod rest_query;
 mod resume;
 mod retention;
+mod schema;
 mod slow_consumers;
 mod startup;
 mod truncate;

@@ -85,7 +85,7 @@ async fn two_instances_on_one_database_both_deliver_every_change_once() {
         .fetch_one(&sql)
         .await
         .expect("count triggers");
-    assert_eq!(triggers, 6, "three per table, not duplicated");
+    assert_eq!(triggers, 8, "four per table, not duplicated");
 }
 
 async fn q_create(q: &Quill, text: &str) {

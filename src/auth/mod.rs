@@ -83,7 +83,7 @@ impl Authenticator {
         .into_iter()
         .flatten()
         {
-            if entity.table.column(column).is_none() {
+            if entity.table().column(column).is_none() {
                 return Err(AuthSetupError::NoColumn(column.clone()));
             }
         }
@@ -164,7 +164,7 @@ impl Authenticator {
         };
         let row = self
             .store
-            .select(&self.entity.table, &query, None, Some(1))
+            .select(&self.entity.table(), &query, None, Some(1))
             .await?
             .pop();
         let stored = row
@@ -177,7 +177,7 @@ impl Authenticator {
         let (true, Some(row)) = (verified, row) else {
             return Err(invalid_login());
         };
-        let id = id_text(&row, &self.entity.table.id().name).ok_or_else(invalid_login)?;
+        let id = id_text(&row, &self.entity.table().id().name).ok_or_else(invalid_login)?;
         let (token, claims) = self
             .tokens
             .issue(&id)
@@ -238,7 +238,7 @@ impl Authenticator {
             Ok(claims) => {
                 let mut rows = self
                     .store
-                    .select(&self.entity.table, &Query::default(), Some(&claims.sub), None)
+                    .select(&self.entity.table(), &Query::default(), Some(&claims.sub), None)
                     .await
                     .map_err(|e| {
                         if e.status() >= 500 {
@@ -273,7 +273,7 @@ impl Authenticator {
 
     /// The principal a users row makes (also used when a user's row changes).
     pub fn principal_from_row(&self, row: &Value, expires_at: Option<u64>) -> Option<Principal> {
-        let id = id_text(row, &self.entity.table.id().name)?;
+        let id = id_text(row, &self.entity.table().id().name)?;
         let role = self
             .role_field
             .as_ref()

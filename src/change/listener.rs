@@ -23,12 +23,24 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// The payload with which quill's DDL event trigger says a captured table changed shape.
+pub const SCHEMA_CHANGED: &str = "schema";
+
+/// Where the listener sends what it hears.
+#[derive(Clone)]
+pub struct Wakeups {
+    /// Committed changes may be waiting in the log.
+    pub changes: Arc<Notify>,
+    /// A captured table was altered, dropped or created.
+    pub schema: Arc<Notify>,
+}
+
 /// Runs until `shutdown` is cancelled.
-pub async fn run_listener(database_url: String, wake: Arc<Notify>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+pub async fn run_listener(database_url: String, wake: Wakeups, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
-        let session = listen_once(&database_url, &wake, &metrics, &shutdown);
+        let session = listen_once(&database_url, &wake, !first, &metrics, &shutdown);
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return,
             outcome = session => outcome,
@@ -63,7 +75,8 @@ enum Lost {
 
 async fn listen_once(
     database_url: &str,
-    wake: &Arc<Notify>,
+    wake: &Wakeups,
+    reconnected: bool,
     metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
 ) -> Result<(), Lost> {
@@ -78,9 +91,12 @@ async fn listen_once(
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
+                Ok(AsyncMessage::Notification(n)) if n.payload() == SCHEMA_CHANGED => {
+                    drain_wake.schema.notify_one();
+                }
                 Ok(AsyncMessage::Notification(_)) => {
                     drain_metrics.notifications.inc();
-                    drain_wake.notify_one();
+                    drain_wake.changes.notify_one();
                 }
                 Ok(_) => {}
                 Err(e) => return e.to_string(),
@@ -96,8 +112,12 @@ async fn listen_once(
     }
     metrics.listener_connected.set(1);
     tracing::info!("listening for changes");
-    // Anything committed while we were not listening is in the log: read it now.
-    wake.notify_one();
+    // Anything committed while we were not listening is in the log: read it now; and after
+    // an outage a table may have changed meanwhile.
+    wake.changes.notify_one();
+    if reconnected {
+        wake.schema.notify_one();
+    }
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     loop {

@@ -14,7 +14,7 @@ use std::future::Future;
 
 use serde_json::Value;
 
-pub use listener::run_listener;
+pub use listener::{Wakeups, run_listener};
 pub use log::{LogReader, Replay, ResumeError, locate, newest_seq};
 
 use crate::event::EventKind;

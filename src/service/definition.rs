@@ -2,7 +2,7 @@
 //! roles and delivery policy, checked against the catalog at start-up.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use serde_json::Value;
 
@@ -27,7 +27,8 @@ pub enum Stamp {
 /// One configured service.
 pub struct Service {
     pub name: Arc<str>,
-    pub table: Table,
+    /// Reloaded when the table's shape changes under a running quill.
+    table: RwLock<Arc<Table>>,
     pub(super) multi: Multi,
     pub(super) paginate: Option<(u32, u32)>,
     hidden: Vec<String>,
@@ -154,7 +155,7 @@ impl Service {
         };
         Ok(Service {
             name: Arc::from(name),
-            table,
+            table: RwLock::new(Arc::new(table)),
             multi: config.multi.clone(),
             paginate: config.paginate.sizes(),
             hidden,
@@ -172,11 +173,31 @@ impl Service {
 
     /// Removes hidden fields. Every row that leaves quill, in a response or an event,
     /// passes through here.
+    /// The table as quill last read it from the catalog.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The columns its configuration names (they must stay in the table).
+    pub(crate) fn configured_columns(&self) -> Vec<String> {
+        let mut columns = self.hidden.clone();
+        columns.extend(self.stamps.iter().map(|(c, _)| c.clone()));
+        columns.extend(self.write_roles.iter().map(|(c, _)| c.clone()));
+        columns
+    }
+
+    /// Takes a table read anew from the catalog (same schema, name and configured columns).
+    pub(crate) fn replace_table(&self, table: Table) {
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+
+    /// Removes hidden fields and every field the catalog does not know: a column added
+    /// while quill runs is never sent before quill has read it (and knows whether it is
+    /// hidden or restricted).
     pub fn strip(&self, row: &mut Value) {
         if let Value::Object(fields) = row {
-            for name in &self.hidden {
-                fields.remove(name);
-            }
+            let table = self.table();
+            fields.retain(|name, _| table.column(name).is_some() && !self.is_hidden(name));
         }
     }
 

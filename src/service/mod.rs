@@ -4,6 +4,7 @@
 pub mod access;
 mod definition;
 pub mod query;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -81,6 +82,8 @@ pub struct Services {
     by_name: HashMap<String, Arc<Service>>,
     by_table: HashMap<(String, String), Vec<Arc<Service>>>,
     auth: Option<Authenticator>,
+    /// Poked when a table may have changed shape (see [`watch`]).
+    schema_changed: Arc<tokio::sync::Notify>,
 }
 
 impl Services {
@@ -107,7 +110,7 @@ impl Services {
                 .map(|a| a.password_field.clone());
             let ext = extensions.remove(name).unwrap_or_default();
             let service = Service::build(name, sc, table, password_field, ext).map_err(SetupError::Config)?;
-            install_capture(&pool, &service.table).await?;
+            install_capture(&pool, &service.table()).await?;
             let service = Arc::new(service);
             by_table.entry((schema, table_name)).or_default().push(service.clone());
             by_name.insert(name.clone(), service);
@@ -138,6 +141,7 @@ impl Services {
             by_name,
             by_table,
             auth,
+            schema_changed: Arc::default(),
         })
     }
 
@@ -184,13 +188,80 @@ impl Services {
     /// Runs one method call: access rules, then Feathers semantics, then what the caller
     /// may see of the result.
     pub async fn call(&self, call: ServiceCall) -> Result<Value> {
+        match self.call_once(call.clone()).await {
+            // The table changed under us: read it again and try once more.
+            Err(e) if e.schema_changed => {
+                if let Some(service) = self.by_name.get(&call.service) {
+                    self.refresh(service).await;
+                }
+                self.call_once(call).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// What wakes the schema watch: the listener pokes it on a DDL notification.
+    pub fn schema_changed(&self) -> Arc<tokio::sync::Notify> {
+        self.schema_changed.clone()
+    }
+
+    /// A logged row whose columns are not the catalog's means the table changed: have it
+    /// read again (the row is stripped to the known columns meanwhile).
+    pub fn check_row_shape(&self, service: &Service, row: &Value) {
+        if !service.table().fits(row) {
+            self.schema_changed.notify_one();
+        }
+    }
+
+    /// Reads every service's table from the catalog again; see [`Services::refresh`].
+    pub async fn refresh_all(&self) {
+        for service in self.by_name.values() {
+            self.refresh(service).await;
+        }
+    }
+
+    /// Reads a service's table from the catalog again. A changed table is taken (a new
+    /// column is sent once it is known; a dropped one is no longer named in SQL), and capture
+    /// is installed again if the table was dropped and created anew. A table that no longer
+    /// has a configured column keeps its last catalog (its calls fail with 503) and the
+    /// error says what to fix.
+    pub async fn refresh(&self, service: &Service) {
+        let current = service.table();
+        let loaded = Table::load(
+            self.pool(),
+            &service.name,
+            &current.schema,
+            &current.name,
+            &current.id().name,
+            &service.configured_columns(),
+        )
+        .await;
+        match loaded {
+            Ok(table) => {
+                if let Err(e) = install_capture(self.pool(), &table).await {
+                    tracing::error!(service = %service.name, error = %e, "cannot install change capture again");
+                }
+                if table != *current {
+                    tracing::info!(service = %service.name, "the table changed; its catalog was read again");
+                    service.replace_table(table);
+                }
+            }
+            Err(e) => tracing::error!(
+                service = %service.name,
+                error = %e,
+                "the table no longer fits the configuration; update the configuration and restart"
+            ),
+        }
+    }
+
+    async fn call_once(&self, call: ServiceCall) -> Result<Value> {
         let service = self
             .by_name
             .get(&call.service)
             .ok_or_else(|| Error::not_found(format!("Service '{}' not found", call.service)))?;
         let caller = call.caller.as_deref();
         let grant = service.access(call.method).check(caller)?;
-        let table = &service.table;
+        let table = &service.table();
         let mut query = Query::parse(&call.query, table)?;
         service.check_queryable(&query)?;
         if let (Grant::Own(columns), Some(caller)) = (&grant, caller) {
@@ -234,7 +305,7 @@ impl Services {
         caller: Option<&Principal>,
         grant: &Grant,
     ) -> Result<Value> {
-        let table = &service.table;
+        let table = &service.table();
         Ok(match method {
             Method::Find => self.find(service, query).await?,
             Method::Get => {
@@ -293,7 +364,7 @@ impl Services {
     }
 
     async fn find(&self, service: &Service, query: &Query) -> Result<Value> {
-        let table = &service.table;
+        let table = &service.table();
         match service.paginate {
             None => Ok(Value::Array(self.store.select(table, query, None, query.limit).await?)),
             Some((default, max)) => {
@@ -310,7 +381,7 @@ impl Services {
     }
 
     async fn get_one(&self, service: &Service, query: &Query, id: &str) -> Result<Value> {
-        let mut rows = self.store.select(&service.table, query, Some(id), None).await?;
+        let mut rows = self.store.select(&service.table(), query, Some(id), None).await?;
         rows.pop().ok_or_else(|| no_record(id))
     }
 
@@ -354,7 +425,7 @@ impl Services {
             }
             rows.push(row);
         }
-        let mut created = self.store.insert(&service.table, &rows).await?;
+        let mut created = self.store.insert(&service.table(), &rows).await?;
         if many {
             Ok(Value::Array(created))
         } else {
@@ -377,7 +448,7 @@ impl Services {
             id: Some(id),
             filter: &query.filter,
         };
-        let mut rows = self.store.update(&service.table, target, data, mode).await?;
+        let mut rows = self.store.update(&service.table(), target, data, mode).await?;
         rows.pop().ok_or_else(|| no_record(id))
     }
 }
@@ -401,7 +472,8 @@ fn owner_condition(columns: &[String], caller_id: &str) -> Condition {
 /// Applies `$select` (the id is always kept, as in Feathers) and removes everything the
 /// caller may not see.
 fn present(service: &Service, result: &mut Value, select: Option<&[String]>, caller: Option<&Principal>) {
-    let id = &service.table.id().name;
+    let table = service.table();
+    let id = &table.id().name;
     let one = |row: &mut Value| {
         if let (Some(select), Value::Object(fields)) = (select, &mut *row) {
             fields.retain(|k, _| k == id || select.iter().any(|s| s == k));
@@ -456,7 +528,7 @@ async fn write_data(
         let name = if method == Method::Update { "update" } else { "patch" };
         return Err(Error::bad_request(format!("{name} needs an object as data")));
     };
-    row.remove(&service.table.id().name);
+    row.remove(&service.table().id().name);
     prepare_write(service, row, method, caller).await
 }
 
@@ -506,14 +578,14 @@ async fn prepare_write(
 
 fn check_columns(service: &Service, row: &Map<String, Value>, id_removed: bool) -> Result<()> {
     for key in row.keys() {
-        match service.table.column(key) {
+        match service.table().column(key) {
             None => {
                 return Err(
                     Error::bad_request(format!("'{key}' is not a column of '{}'", service.name))
                         .with_field(key, "no such column"),
                 );
             }
-            Some(c) if c.read_only && !(id_removed && c.name == service.table.id().name) => {
+            Some(c) if c.read_only && !(id_removed && c.name == service.table().id().name) => {
                 return Err(Error::bad_request(format!("'{key}' cannot be written")).with_field(key, "read-only"));
             }
             Some(_) => {}

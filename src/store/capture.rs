@@ -36,7 +36,14 @@ pub async fn install_capture(pool: &PgPool, table: &Table) -> Result<(), Capture
             .fetch_one(pool)
             .await
             .map_err(err)?;
-    if present == TRIGGERS.len() as i64 {
+    let recorded: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM quill.captured WHERE table_schema = $1 AND table_name = $2)")
+            .bind(&table.schema)
+            .bind(&table.name)
+            .fetch_one(pool)
+            .await
+            .map_err(err)?;
+    if present == TRIGGERS.len() as i64 && recorded {
         return Ok(());
     }
     let mut tx = pool.begin().await.map_err(err)?;
@@ -53,6 +60,13 @@ pub async fn install_capture(pool: &PgPool, table: &Table) -> Result<(), Capture
         );
         sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await.map_err(err)?;
     }
+    // So that the DDL event trigger recreates capture on a table dropped and created again.
+    sqlx::query("INSERT INTO quill.captured (table_schema, table_name) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(&table.schema)
+        .bind(&table.name)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
     tx.commit().await.map_err(err)?;
     Ok(())
 }

@@ -98,7 +98,7 @@ pub enum KeyKind {
 }
 
 /// A captured table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     pub schema: String,
     pub name: String,
@@ -107,11 +107,19 @@ pub struct Table {
     pub columns: Vec<Column>,
     /// Index of the id column in `columns`.
     id: usize,
+    /// The table's OID: a new one means the table was dropped and created again.
+    oid: u32,
 }
 
 impl Table {
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Whether a row (as `row_to_json` made it) has exactly this table's columns.
+    pub fn fits(&self, row: &serde_json::Value) -> bool {
+        row.as_object()
+            .is_some_and(|fields| fields.len() == self.columns.len() && fields.keys().all(|k| self.column(k).is_some()))
     }
 
     pub fn id(&self) -> &Column {
@@ -133,14 +141,17 @@ impl Table {
             schema: schema.into(),
             table: name.into(),
         };
-        let kind: Option<String> = sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)")
-            .bind(&qualified)
-            .fetch_optional(pool)
-            .await?;
-        match kind.as_deref() {
-            None => return Err(missing()),
-            Some("r") | Some("p") => {}
-            Some(_) => {
+        let kind: Option<(String, sqlx::postgres::types::Oid)> =
+            sqlx::query_as("SELECT relkind::text, oid FROM pg_class WHERE oid = to_regclass($1)")
+                .bind(&qualified)
+                .fetch_optional(pool)
+                .await?;
+        let Some((kind, oid)) = kind else {
+            return Err(missing());
+        };
+        match kind.as_str() {
+            "r" | "p" => {}
+            _ => {
                 return Err(CatalogError::NotATable {
                     service: service.into(),
                     schema: schema.into(),
@@ -201,6 +212,7 @@ impl Table {
             qualified,
             columns,
             id,
+            oid: oid.0,
         })
     }
 
@@ -230,6 +242,7 @@ impl Table {
             qualified: format!("{}.{}", quote_ident(schema), quote_ident(name)),
             columns,
             id,
+            oid: 0,
         }
     }
 }

@@ -138,6 +138,11 @@ pub(crate) fn db_error(err: sqlx::Error) -> Error {
                 }
                 "23P01" => Error::bad_request("value conflicts with an existing row"),
                 c if c.starts_with("22") => Error::bad_request(format!("invalid value: {}", pg.message())),
+                // undefined column or table: changed under a running quill
+                "42703" | "42P01" => Error {
+                    schema_changed: true,
+                    ..Error::unavailable("the table changed while quill was running; try again shortly")
+                },
                 // insufficient privilege on the table
                 "42501" => Error::new(ErrorKind::Forbidden, "the database refused this operation"),
                 c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {

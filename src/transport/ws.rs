@@ -488,7 +488,7 @@ fn parse_subscription(service: &Service, request: &Map<String, Value>) -> Result
     let query = match request.get("query") {
         None | Some(Value::Null) => None,
         Some(q) => {
-            let query = Query::parse(q, &service.table)?;
+            let query = Query::parse(q, &service.table())?;
             service.check_queryable(&query)?;
             Some(Arc::new(query))
         }
