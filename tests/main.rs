@@ -8,6 +8,7 @@ mod channels;
 mod events;
 mod feathers;
 mod limits;
+mod model;
 mod reader;
 mod recovery;
 mod rest_crud;

@@ -38,12 +38,18 @@ fn age(frame: &str) -> Option<Duration> {
 /// run out of one address's ephemeral ports. Gives up after 10 s (a server out of file
 /// descriptors leaves handshakes hanging).
 pub(super) async fn connect(url: &str, i: usize) -> Result<Socket, BenchError> {
-    tokio::time::timeout(Duration::from_secs(10), connect_now(url, i))
+    connect_with_buffer(url, i, None).await
+}
+
+/// `connect`, with a receive buffer of `recv_buffer` bytes (a small one makes a socket that
+/// stops reading back up at once, as a slow mobile client's would).
+async fn connect_with_buffer(url: &str, i: usize, recv_buffer: Option<u32>) -> Result<Socket, BenchError> {
+    tokio::time::timeout(Duration::from_secs(10), connect_now(url, i, recv_buffer))
         .await
         .map_err(|_| BenchError("connect timed out".into()))?
 }
 
-async fn connect_now(url: &str, i: usize) -> Result<Socket, BenchError> {
+async fn connect_now(url: &str, i: usize, recv_buffer: Option<u32>) -> Result<Socket, BenchError> {
     let target: SocketAddr = url
         .trim_start_matches("ws://")
         .split('/')
@@ -52,6 +58,11 @@ async fn connect_now(url: &str, i: usize) -> Result<Socket, BenchError> {
         .ok_or_else(|| BenchError(format!("bad ws url {url}")))?;
     let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % 200) as u8));
     let socket = TcpSocket::new_v4().map_err(|e| BenchError::new("socket", e))?;
+    if let Some(size) = recv_buffer {
+        socket
+            .set_recv_buffer_size(size)
+            .map_err(|e| BenchError::new("receive buffer", e))?;
+    }
     socket
         .bind(SocketAddr::new(source, 0))
         .map_err(|e| BenchError::new("bind", e))?;
@@ -94,7 +105,15 @@ pub(super) async fn request(ws: &mut Socket, requests: &[String]) -> Result<(), 
 
 /// Logs in with a token and subscribes to messages.
 pub(super) async fn subscriber(url: &str, i: usize, token: &str) -> Result<Socket, BenchError> {
-    let mut ws = connect(url, i).await?;
+    subscribe(connect(url, i).await?, token).await
+}
+
+/// A subscriber with a 4 KiB receive buffer, for the caller to never read again.
+pub(super) async fn stalled_subscriber(url: &str, i: usize, token: &str) -> Result<Socket, BenchError> {
+    subscribe(connect_with_buffer(url, i, Some(4096)).await?, token).await
+}
+
+async fn subscribe(mut ws: Socket, token: &str) -> Result<Socket, BenchError> {
     let login = format!(
         r#"{{"ref":1,"method":"create","service":"authentication","data":{{"strategy":"jwt","accessToken":"{token}"}}}}"#
     );

@@ -28,7 +28,8 @@ impl BenchError {
 pub struct BenchOptions {
     /// Admin URL of the PostgreSQL server; the bench creates its own `quill_bench` database.
     pub admin_url: String,
-    /// Scenarios to run (latency, fanout, targeted, write, connections, capture); empty = all.
+    /// Scenarios to run (latency, fanout, targeted, write, connections, isolation, capture);
+    /// empty = all.
     pub only: Vec<String>,
     /// Seconds per measured phase.
     pub seconds: u64,
@@ -74,6 +75,14 @@ pub async fn run(options: BenchOptions) -> Result<Vec<Row>, BenchError> {
     if options.wants("connections") {
         for &n in &options.connections {
             rows.push(scenarios::connections(&options, n).await?);
+        }
+    }
+    if options.wants("isolation") {
+        for stalled in [0, 1] {
+            rows.push(scenarios::isolation_burst(&options, stalled).await?);
+        }
+        for stalled in [0, 1, 100] {
+            rows.push(scenarios::isolation(&options, stalled).await?);
         }
     }
     if options.wants("capture") {

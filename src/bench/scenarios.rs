@@ -431,3 +431,81 @@ pub(super) async fn capture(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
     server.stop().await;
     Ok(rows)
 }
+
+/// Healthy subscribers beside `stalled` ones that subscribe and never read again; writers
+/// insert as fast as they can. The healthy ones' rate and latency must not depend on the
+/// stalled ones (each costs at most one `slow_consumer_timeout_ms`, once).
+pub(super) async fn isolation(options: &BenchOptions, stalled: usize) -> Result<Row, BenchError> {
+    const HEALTHY: usize = 10;
+    let server = Server::start(options, &config(r#"["authenticated"]"#)).await?;
+    let ids = server.users(1).await?;
+    let token = Server::token(ids[0]);
+    let mut parked = Vec::with_capacity(stalled);
+    for i in 0..stalled {
+        parked.push(client::stalled_subscriber(&server.ws, HEALTHY + i, &token).await?);
+    }
+    let stop = CancellationToken::new();
+    let set = subscribers(&server, std::slice::from_ref(&token), HEALTHY, HEALTHY, &stop).await?;
+    let sql = pool(&server, 4).await?;
+    let steal = Steal::start();
+    let (_, writes, elapsed) = write_for(&server, &sql, 4, options.phase()).await;
+    tokio::time::sleep(DRAIN).await;
+    stop.cancel();
+    let (events, mut latencies) = collect(set).await;
+    let row = Row::new(format!("isolation/{stalled}"))
+        .with("healthy", HEALTHY)
+        .with("stalled", stalled)
+        .with("writes_per_s", round(writes as f64 / elapsed, 1))
+        .with(
+            "healthy_delivered_per_s",
+            round(events as f64 / (elapsed + DRAIN.as_secs_f64()), 0),
+        )
+        .with("lost", (writes * HEALTHY as u64).saturating_sub(events))
+        .latencies(&mut latencies)
+        .steal(&steal)
+        .emit();
+    drop(parked);
+    server.stop().await;
+    Ok(row)
+}
+
+/// The case of the isolation issue: one `INSERT … SELECT` of 20 000 rows of 4 KB; how long
+/// one healthy subscriber takes to receive them all, beside `stalled` peers.
+pub(super) async fn isolation_burst(options: &BenchOptions, stalled: usize) -> Result<Row, BenchError> {
+    const ROWS: u64 = 20_000;
+    let server = Server::start(options, &config(r#"["authenticated"]"#)).await?;
+    let ids = server.users(1).await?;
+    let token = Server::token(ids[0]);
+    let mut parked = Vec::with_capacity(stalled);
+    for i in 0..stalled {
+        parked.push(client::stalled_subscriber(&server.ws, 1 + i, &token).await?);
+    }
+    let mut healthy = client::subscriber(&server.ws, 0, &token).await?;
+    let sql = pool(&server, 1).await?;
+    let start = Instant::now();
+    let insert = sqlx::query("INSERT INTO messages (text) SELECT g || repeat('x', 4096) FROM generate_series(1, $1) g")
+        .bind(ROWS as i64)
+        .execute(&sql);
+    let receive = async {
+        let mut got = 0u64;
+        while got < ROWS {
+            match tokio::time::timeout(Duration::from_secs(120), healthy.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) if t.starts_with("{\"event\"") => got += 1,
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        got
+    };
+    let (inserted, got) = tokio::join!(insert, receive);
+    inserted.map_err(|e| BenchError::new("insert", e))?;
+    let row = Row::new(format!("isolation_burst/{stalled}"))
+        .with("stalled", stalled)
+        .with("rows", ROWS)
+        .with("received", got)
+        .with("seconds", round(start.elapsed().as_secs_f64(), 2))
+        .emit();
+    drop(parked);
+    server.stop().await;
+    Ok(row)
+}

@@ -44,6 +44,14 @@ host = "127.0.0.1"
 outgoing_queue = 8192
 pool_size = 16
 
+# The bench opens tens of thousands of sockets from a few addresses, some of which only
+# sit there: no connection limits, no idle timeout.
+[limits]
+max_connections = 1000000
+connections_per_address = 1000000
+ping_interval_ms = 1800000
+idle_timeout_ms = 3600000
+
 [authentication]
 service = "users"
 
