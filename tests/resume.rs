@@ -104,6 +104,14 @@ async fn a_position_older_than_retention_is_gone_and_an_unknown_one_is_a_bad_req
     assert_eq!(reply["error"]["name"], "BadRequest", "{reply}");
 }
 
+/// A client that subscribed, saw message "0" and left: its position.
+async fn seen_one_then_gone(q: &Quill, sql: &sqlx::PgPool) -> i64 {
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    insert_messages(sql, 0, 1).await;
+    ws.next_event().await["seq"].as_i64().expect("seq")
+}
+
 /// Inserts `count` messages, each in its own transaction followed by its own tick, as a
 /// long stretch of single-row autocommit writes would leave the log.
 async fn insert_with_a_tick_each(pool: &sqlx::PgPool, from: usize, count: usize) {
@@ -129,11 +137,7 @@ async fn a_resume_across_more_than_30000_ticks_delivers_exactly_the_missed_event
     const MISSED: usize = 31_000;
     let q = Quill::start().await;
     let sql = q.sql().await;
-    let mut ws = q.ws().await;
-    ws.subscribe("messages").await;
-    insert_messages(&sql, 0, 1).await;
-    let since = ws.next_event().await["seq"].as_i64().expect("seq");
-    drop(ws);
+    let since = seen_one_then_gone(&q, &sql).await;
     insert_with_a_tick_each(&sql, 1, MISSED).await;
     let ticks: i64 = sqlx::query_scalar("SELECT count(*) FROM quill.tick")
         .fetch_one(&sql)
@@ -157,11 +161,7 @@ async fn many_clients_resuming_while_writes_race_each_get_every_event_once_in_or
     const DURING: usize = 700;
     let q = Quill::start().await;
     let sql = q.sql().await;
-    let mut ws = q.ws().await;
-    ws.subscribe("messages").await;
-    insert_messages(&sql, 0, 1).await;
-    let since = ws.next_event().await["seq"].as_i64().expect("seq");
-    drop(ws);
+    let since = seen_one_then_gone(&q, &sql).await;
     insert_messages(&sql, 1, BEFORE + 1).await;
     // The writer races every resume and its hand-over to live delivery.
     let writer = {

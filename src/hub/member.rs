@@ -127,10 +127,6 @@ impl Kick {
             .and_then(|r| *r)
             .unwrap_or((Cutoff::SlowConsumer, "closed by the server"))
     }
-
-    pub fn is_fired(&self) -> bool {
-        self.token.is_cancelled()
-    }
 }
 
 pub(super) struct Member {
