@@ -85,12 +85,13 @@ BEGIN
     -- it delivers, so this is commit time, not write time).
     SELECT max(t.id) INTO by_age FROM quill.tick t WHERE t.created_at < clock_timestamp() - max_age;
     cut := GREATEST(by_count, by_age);
+    -- Nothing is beyond retention. (Checked before the reader floor: LEAST ignores NULLs.)
+    IF cut IS NULL THEN
+        RETURN 0;
+    END IF;
     readers := quill.reader_floor();
     IF readers IS NOT NULL THEN
         cut := LEAST(cut, readers);
-    END IF;
-    IF cut IS NULL THEN
-        RETURN 0;
     END IF;
     SELECT t.snapshot INTO snap FROM quill.tick t WHERE t.id = cut;
     IF snap IS NULL THEN

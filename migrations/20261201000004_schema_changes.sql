@@ -11,8 +11,10 @@ CREATE TABLE quill.captured (
     PRIMARY KEY (table_schema, table_name)
 );
 
+-- SECURITY DEFINER: event triggers run as whoever issues the DDL, who may have no rights
+-- on schema quill; their DDL must never fail because of quill.
 CREATE FUNCTION quill.on_ddl() RETURNS event_trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     cmd record;
     touched boolean := false;
@@ -25,10 +27,16 @@ BEGIN
             IF FOUND THEN
                 touched := true;
                 IF cmd.command_tag <> 'ALTER TABLE' THEN
+                  BEGIN
                     EXECUTE format('CREATE OR REPLACE TRIGGER quill_capture_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS quill_new FOR EACH STATEMENT EXECUTE FUNCTION quill.capture()', cmd.objid::regclass);
                     EXECUTE format('CREATE OR REPLACE TRIGGER quill_capture_update AFTER UPDATE ON %s REFERENCING NEW TABLE AS quill_new FOR EACH STATEMENT EXECUTE FUNCTION quill.capture()', cmd.objid::regclass);
                     EXECUTE format('CREATE OR REPLACE TRIGGER quill_capture_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS quill_old FOR EACH STATEMENT EXECUTE FUNCTION quill.capture()', cmd.objid::regclass);
                     EXECUTE format('CREATE OR REPLACE TRIGGER quill_capture_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION quill.capture()', cmd.objid::regclass);
+                  EXCEPTION WHEN OTHERS THEN
+                    -- e.g. re-created as a partition: quill's periodic check reports it;
+                    -- the user's CREATE TABLE goes through.
+                    RAISE WARNING 'quill: cannot capture %: %', cmd.objid::regclass, SQLERRM;
+                  END;
                 END IF;
             END IF;
         END IF;
@@ -41,7 +49,7 @@ $$;
 
 -- A dropped captured table: quill stops naming it until it is back.
 CREATE FUNCTION quill.on_drop() RETURNS event_trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF EXISTS (
         SELECT 1 FROM pg_event_trigger_dropped_objects() d

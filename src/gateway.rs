@@ -168,6 +168,7 @@ pub async fn run_with(
         hub,
         metrics,
         outgoing_queue: config.outgoing_queue,
+        slow_consumer_timeout: config.slow_consumer_timeout(),
         limits: config.limits,
         connections: ConnectionLimiter::new(&config.limits),
         shutdown: token.clone(),

@@ -128,3 +128,18 @@ async fn a_gap_in_the_log_closes_subscribers_with_4010_and_ready_says_why() {
     insert_messages(&sql, 2, 3).await;
     assert_eq!(ws.next_event().await["data"]["text"], "2");
 }
+
+#[tokio::test]
+async fn a_prune_within_retention_deletes_nothing_even_behind_the_reader() {
+    let q = Quill::start().await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    insert_messages(&q.sql().await, 0, 5).await;
+    ws.events(5).await;
+    q.wait_until_reader_recorded().await;
+    let removed = quill::change::retention::prune(&q.sql().await, Retention::default(), &Default::default())
+        .await
+        .expect("prune");
+    assert_eq!(removed, 0, "read by quill, but within retention");
+    assert_eq!(logged_messages(&q).await, 5);
+}

@@ -246,6 +246,11 @@ impl LogReader {
         if !new_session && !due {
             return Ok(());
         }
+        // A busy reader never settles (which reopens a lost session): reopen it here, so
+        // that it does not drop out of the pruner's floor for as long as the load lasts.
+        self.presence.open(&self.pool).await?;
+        let generation = self.presence.generation();
+        let new_session = self.registration.generation != Some(generation);
         let Some(conn) = self.presence.session() else {
             return Ok(());
         };

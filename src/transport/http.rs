@@ -23,7 +23,9 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 /// Serves `app` until `shutdown`, then lets requests in flight finish (within a bound).
 pub async fn serve(listener: TcpListener, app: Router, handshake_timeout: Duration, shutdown: CancellationToken) {
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1 only: the auto builder's HTTP/2 sniffing runs before, and without, the
+    // header-read timeout.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())

@@ -36,6 +36,7 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     pub outgoing_queue: usize,
+    pub slow_consumer_timeout: std::time::Duration,
     pub limits: Limits,
     pub connections: Arc<ConnectionLimiter>,
     pub shutdown: CancellationToken,

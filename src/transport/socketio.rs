@@ -148,8 +148,8 @@ async fn forward(
                 let name = format!("{} {}", event.service, event.kind.as_str());
                 let data = String::from_utf8_lossy(&event.data).into_owned();
                 let Ok(data) = RawValue::from_string(data) else { continue };
-                if socket.emit(name, &data).is_err() {
-                    // socket.io's own buffer is full: the client is not reading.
+                if !emit_within(&socket, &name, &data, state.slow_consumer_timeout).await {
+                    // socket.io's own buffer stayed full: the client is not reading.
                     state.metrics.slow_consumer_disconnects.inc();
                     break;
                 }
@@ -159,6 +159,22 @@ async fn forward(
     // Out of the hub at once: it gets nothing more and costs nothing more.
     drop(member);
     disconnect(&socket, &closed).await;
+}
+
+/// Emits an event, waiting up to `grace` for room in socket.io's buffer (the same grace a
+/// `/ws` client gets: meanwhile the hub queue fills and delivery waits for this client as
+/// for any slow one). False if it never fit.
+async fn emit_within(socket: &SocketRef, name: &str, data: &RawValue, grace: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        if socket.emit(name, data).is_ok() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline || !socket.connected() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Disconnects a socket. The disconnect packet needs room in socket.io's buffer, which a
