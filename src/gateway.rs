@@ -145,6 +145,7 @@ pub async fn run_with(
         services.clone(),
         wake.schema.clone(),
         config.schema_check_interval(),
+        metrics.clone(),
         token.clone(),
     ));
     let reader = LogReader::start(pool.clone(), wake.changes, config.poll_interval(), metrics.clone()).await?;

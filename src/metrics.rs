@@ -46,6 +46,11 @@ pub struct Metrics {
     /// Unix time of the last gap (0: none since start); `/ready` is not ready for a while
     /// after one.
     pub last_gap_unix: Gauge,
+    /// Times the services' catalogs were read again (a DDL, a row that did not fit, the
+    /// periodic check).
+    pub schema_checks: Counter,
+    /// Services whose table no longer fits their configuration (their calls fail with 503).
+    pub services_misfit: Gauge,
 }
 
 impl Default for Metrics {
@@ -70,6 +75,8 @@ impl Default for Metrics {
             connections_refused: Counter::default(),
             change_log_gaps: Counter::default(),
             last_gap_unix: Gauge::default(),
+            schema_checks: Counter::default(),
+            services_misfit: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -153,6 +160,16 @@ impl Default for Metrics {
             "change_log_last_gap_unix",
             "Unix time of the last change-log gap (0: none since start)",
             m.last_gap_unix.clone(),
+        );
+        registry.register(
+            "schema_checks",
+            "Times the services' catalogs were read again",
+            m.schema_checks.clone(),
+        );
+        registry.register(
+            "services_misfit",
+            "Services whose table no longer fits their configuration",
+            m.services_misfit.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -2,9 +2,11 @@
 //! live delivery with nothing lost or repeated. Transports call it; it knows no protocol.
 //!
 //! The replay chases the live reader: it reads up to the tick the hub last started to
-//! publish, and hands over only if no later tick started meanwhile ([`Hub::go_live`]);
-//! otherwise it reads the new ticks too. Live events of the service are dropped for the
-//! subscriber until then, so memory stays bounded however long the replay runs.
+//! publish, and hands over if no later tick started meanwhile ([`Hub::go_live`]); otherwise
+//! it reads the new ticks too. Live events of the service are dropped for the subscriber
+//! until then, so memory stays bounded however long the replay runs. After a few passes it
+//! stops chasing: live events after the newest started tick are held back (a bounded
+//! number), the replay reads up to that tick, and the held events follow it.
 
 use std::time::Duration;
 
@@ -13,13 +15,17 @@ use tokio::sync::mpsc::Sender;
 
 use crate::change::{self, ChangeError, Replay, ResumeError};
 use crate::event::Position;
-use crate::hub::{ConnId, Frame, Hub, Subscription};
+use crate::hub::{ConnId, Frame, HandOver, Hub, ReplayId, Replayed, Subscription};
 use crate::pipeline::event_for;
 use crate::service::Service;
 
 /// How long a resume waits for this instance's reader to reach a position that another
 /// instance already delivered.
 const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// How many passes may chase the live reader before the last one holds live events back
+/// (so a replay ends under any load, and usually holds nothing).
+const FREE_PASSES: u32 = 3;
 
 /// Why a resume could not start or finish.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +36,8 @@ pub enum ResumeFailed {
     TooFarBehind { since: i64, behind: i64, limit: u64 },
     #[error("this instance has not yet delivered tick {0}")]
     Lagging(i64),
+    #[error("the change log was pruned past the replay while it ran")]
+    Overtaken,
     #[error(transparent)]
     Change(#[from] ChangeError),
 }
@@ -45,45 +53,86 @@ pub async fn locate(pool: &PgPool, since: i64, limit: u64) -> Result<Position, R
     Ok(after)
 }
 
-/// Registers the subscription as replaying. Call before the reply is queued, so that the
-/// hand-over point is after the registration.
-pub fn register(hub: &Hub, conn: ConnId, service: &Service, subscription: Subscription) {
-    hub.subscribe_replaying(conn, service.name.clone(), subscription);
+/// Registers the subscription as replaying (superseding any subscription to the service on
+/// this connection, and its replay). Call when the request is read, before anything is
+/// queued for it, so that requests take effect in order and the hand-over point is after
+/// the registration.
+pub fn register(hub: &Hub, conn: ConnId, service: &Service, subscription: Subscription) -> ReplayId {
+    hub.subscribe_replaying(conn, service.name.clone(), subscription)
 }
 
 /// Sends every change of `service` after `after` that the connection may see, through the
 /// same channels, filters and stripping as live events, then hands over to live delivery.
-/// Returns when the subscription is live, or `Ok` early when the connection went away.
+/// Returns when the subscription is live, or `Ok` early when the connection went away or
+/// another subscribe superseded this replay.
 pub async fn replay(
     hub: &Hub,
     pool: PgPool,
     conn: ConnId,
     service: &Service,
+    id: ReplayId,
     after: Position,
     frames: &Sender<Frame>,
 ) -> Result<(), ResumeFailed> {
-    let table = service.table();
     let mut replay = Replay::new(pool, after).await?;
+    let mut until = caught_up_to(hub, after.tick).await?;
+    let mut pass = 0;
     loop {
-        let until = caught_up_to(hub, after.tick).await?;
+        pass += 1;
         replay.extend_to(until);
-        while let Some(page) = replay.next_page().await? {
-            for change in page {
-                if change.table_schema != table.schema || change.table_name != table.name {
-                    continue;
-                }
-                let event = event_for(&change, service);
-                let frame = hub.replay_frame(conn, &mut service.policy.prepare(&event));
-                if let Some(frame) = frame
-                    && frames.send(frame).await.is_err()
-                {
-                    return Ok(());
-                }
-            }
-        }
-        if hub.go_live(conn, &service.name, until) {
+        if !send_pages(hub, &mut replay, conn, service, id, frames).await? {
             return Ok(());
         }
+        match hub.go_live(conn, &service.name, id, until, pass >= FREE_PASSES) {
+            HandOver::Live | HandOver::Superseded => return Ok(()),
+            HandOver::NotYet => until = hub.started_tick(),
+            HandOver::ReadThrough(last) => {
+                // Live events after `last` are held meanwhile; this pass is bounded.
+                replay.extend_to(last);
+                if send_pages(hub, &mut replay, conn, service, id, frames).await? {
+                    hub.release(conn, &service.name, id);
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Sends the replay's pages up to its `extend_to` tick; false when it must stop (the
+/// connection left, or the subscription is no longer this replay's).
+async fn send_pages(
+    hub: &Hub,
+    replay: &mut Replay,
+    conn: ConnId,
+    service: &Service,
+    id: ReplayId,
+    frames: &Sender<Frame>,
+) -> Result<bool, ResumeFailed> {
+    let table = service.table();
+    while let Some(page) = replay.next_page().await.map_err(gone_if_overtaken)? {
+        for change in page {
+            if change.table_schema != table.schema || change.table_name != table.name {
+                continue;
+            }
+            let event = event_for(&change, service);
+            // Room first (the connection's pace), then the check and the send at once.
+            let Ok(permit) = frames.reserve().await else {
+                return Ok(false);
+            };
+            match hub.replay_event(conn, id, &mut service.policy.prepare(&event), permit) {
+                Replayed::Sent | Replayed::Skip => {}
+                Replayed::Stop => return Ok(false),
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// The pruner overtook the replay: what it had yet to send may be gone.
+fn gone_if_overtaken(e: ChangeError) -> ResumeFailed {
+    match e {
+        ChangeError::Gap { .. } => ResumeFailed::Overtaken,
+        e => ResumeFailed::Change(e),
     }
 }
 

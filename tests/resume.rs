@@ -184,3 +184,88 @@ async fn many_clients_resuming_while_writes_race_each_get_every_event_once_in_or
         assert!(got == expected, "every event once, in order");
     }
 }
+
+/// The seq of the logged message with this text.
+async fn seq_of(sql: &sqlx::PgPool, text: &str) -> i64 {
+    sqlx::query_scalar("SELECT seq FROM quill.change_log WHERE row_data->>'text' = $1")
+        .bind(text)
+        .fetch_one(sql)
+        .await
+        .expect("seq of a message")
+}
+
+#[tokio::test]
+async fn a_later_subscribe_supersedes_a_running_replay_and_its_events_stop_at_once() {
+    let q = Quill::start().await;
+    let sql = q.sql().await;
+    let since = seen_one_then_gone(&q, &sql).await;
+    insert_with_a_tick_each(&sql, 1, 3000).await;
+    let later = seq_of(&sql, "2000").await;
+    let mut back = q.ws().await;
+    // Both requests at once: the second must win, whatever the first has sent by then.
+    for (reference, since) in [(1, since), (2, later)] {
+        let request = json!({"ref": reference, "method": "subscribe", "service": "messages", "since": since});
+        back.send_text(&request.to_string()).await;
+    }
+    loop {
+        let frame = back.next_frame().await;
+        if frame["ref"] == 2 {
+            assert_eq!(frame["result"]["since"], later, "{frame}");
+            break;
+        }
+    }
+    // From the second reply on: exactly what follows `later`, then live events.
+    insert_messages(&sql, 5000, 5001).await;
+    let mut after = Vec::new();
+    while after.last().is_none_or(|t| t != "5000") {
+        let frame = back.next_frame().await;
+        if frame.get("event").is_some() {
+            after.push(frame["data"]["text"].as_str().unwrap_or("").to_owned());
+        }
+    }
+    let expected: Vec<String> = (2001..=3000).map(|i| i.to_string()).chain(["5000".into()]).collect();
+    assert!(
+        after == expected,
+        "only the second replay's events, then live: {:?}",
+        &after[..after.len().min(5)]
+    );
+}
+
+#[tokio::test]
+async fn an_unsubscribe_right_after_a_resume_ends_it() {
+    let q = Quill::start().await;
+    let sql = q.sql().await;
+    let since = seen_one_then_gone(&q, &sql).await;
+    insert_with_a_tick_each(&sql, 1, 2000).await;
+    let mut back = q.ws().await;
+    back.send_text(&json!({"ref": 1, "method": "subscribe", "service": "messages", "since": since}).to_string())
+        .await;
+    for request in [
+        json!({"ref": 2, "method": "unsubscribe", "service": "messages"}),
+        json!({"ref": 3, "method": "subscribe", "service": "users"}),
+    ] {
+        back.send_text(&request.to_string()).await;
+    }
+    // Replayed events may come before the unsubscribe's reply, none after it. Sentinel: an
+    // event of another service, after a message that must not come.
+    let mut unsubscribed = false;
+    let mut sentinel_sent = false;
+    loop {
+        let frame = back.next_frame().await;
+        if frame["ref"] == 2 {
+            unsubscribed = true;
+        }
+        if frame["ref"] == 3 && !sentinel_sent {
+            insert_messages(&sql, 5000, 5001).await;
+            q.signup("sentinel@x.io", "pw-sentinel-1").await;
+            sentinel_sent = true;
+        }
+        if frame["service"] == "messages" {
+            assert!(!unsubscribed, "an event after the unsubscribe: {frame}");
+        }
+        if frame["service"] == "users" {
+            assert!(unsubscribed && sentinel_sent);
+            break;
+        }
+    }
+}

@@ -143,3 +143,57 @@ async fn a_prune_within_retention_deletes_nothing_even_behind_the_reader() {
     assert_eq!(removed, 0, "read by quill, but within retention");
     assert_eq!(logged_messages(&q).await, 5);
 }
+
+#[tokio::test]
+async fn a_replay_the_pruner_overtakes_says_so_instead_of_skipping() {
+    let q = Quill::start().await;
+    let sql = q.sql().await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    insert_messages(&sql, 0, 1).await;
+    let since = ws.next_event().await["seq"].as_i64().expect("seq");
+    // One transaction of more than a page: the replay reads it in three.
+    sqlx::query("INSERT INTO messages (text) SELECT 'bulk ' || i FROM generate_series(1, 2500) i")
+        .execute(&sql)
+        .await
+        .expect("bulk insert");
+    ws.events(2500).await;
+    q.wait_until_reader_recorded().await;
+    let after = quill::change::locate(&sql, since).await.expect("locate");
+    let mut replay = quill::change::Replay::new(sql.clone(), after).await.expect("replay");
+    replay.extend_to(i64::MAX);
+    let first = replay.next_page().await.expect("first page").expect("a page");
+    assert_eq!(first.len(), 1000);
+    // The pruner deletes the rest of the tick while the replay is in the middle of it.
+    assert!(prune(&q).await >= 2500);
+    match replay.next_page().await {
+        Err(quill::change::ChangeError::Gap { .. }) => {}
+        other => panic!("the replay must say the pruner overtook it, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_resume_the_pruner_overtakes_is_told_to_reload() {
+    let q = Quill::start().await;
+    let sql = q.sql().await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    insert_messages(&sql, 0, 1).await;
+    let since = ws.next_event().await["seq"].as_i64().expect("seq");
+    // 40 MB in five pages: more than the queue and socket buffers hold, so the replay
+    // cannot finish while its client does not read.
+    sqlx::query("INSERT INTO messages (text) SELECT repeat('x', 8000) FROM generate_series(1, 5000) i")
+        .execute(&sql)
+        .await
+        .expect("bulk insert");
+    ws.events(5000).await;
+    q.wait_until_reader_recorded().await;
+    let mut resumed = q.ws().await;
+    let reply = resumed.call("subscribe", "messages", json!({ "since": since })).await;
+    assert_eq!(reply["result"]["since"], since, "{reply}");
+    assert!(prune(&q).await >= 5000);
+    // It ends with 4010, never with a live subscription that lacks rows.
+    let (code, reason) = resumed.closed().await;
+    assert_eq!(code, 4010, "{reason}");
+    assert!(reason.contains("reload"), "{reason}");
+}

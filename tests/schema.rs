@@ -139,3 +139,37 @@ async fn without_event_triggers_a_recreated_table_is_captured_again_within_one_c
     let event: Value = ws.next_event().await;
     assert_eq!(event["data"]["text"], "captured again");
 }
+
+/// A metric's value in `/metrics` text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[tokio::test]
+async fn a_table_that_no_longer_fits_its_configuration_is_read_again_once_not_at_every_change() {
+    let mut config = Config {
+        schema_check_interval_ms: 3_600_000,
+        ..open_demo()
+    };
+    if let Some(messages) = config.services.get_mut("messages") {
+        messages.stamp.insert("user_id".into(), "id".into());
+    }
+    let q = Quill::start_with(config).await;
+    run(&q, "DROP EVENT TRIGGER quill_ddl; DROP EVENT TRIGGER quill_drop").await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    // `user_id` is stamped by the configuration: without it the table no longer fits.
+    run(&q, "ALTER TABLE messages DROP COLUMN user_id").await;
+    crate::support::insert_messages(&q.sql().await, 0, 200).await;
+    let events = ws.events(200).await;
+    assert_eq!(events[199]["data"]["text"], "199");
+    let metrics = q.metrics().await;
+    assert_eq!(metric(&metrics, "quill_services_misfit "), 1.0, "{metrics}");
+    let checks = metric(&metrics, "quill_schema_checks_total ");
+    assert!(
+        checks <= 2.0,
+        "200 rows that do not fit read the catalog {checks} times"
+    );
+}

@@ -451,7 +451,32 @@ impl Replay {
     }
 
     /// The next page, or `None` once every change up to the `extend_to` tick was returned.
+    /// [`ChangeError::Gap`] when the pruner overtook the replay: changes it had yet to
+    /// return may be gone.
     pub async fn next_page(&mut self) -> Result<Option<Vec<Change>>, ChangeError> {
+        let read_through = self.cursor.read_through();
+        let page = match self.read_page().await {
+            Err(e) if e.is_pruned() => {
+                return Err(ChangeError::Gap {
+                    after_tick: read_through,
+                });
+            }
+            page => page?,
+        };
+        // The pruner records its cut in the transaction that deletes: read after the page,
+        // a cut past what was read through means the page may lack deleted changes.
+        let cut: i64 = sqlx::query_scalar("SELECT cut_tick FROM quill.pruned")
+            .fetch_one(&self.pool)
+            .await?;
+        if cut > read_through {
+            return Err(ChangeError::Gap {
+                after_tick: read_through,
+            });
+        }
+        Ok(page)
+    }
+
+    async fn read_page(&mut self) -> Result<Option<Vec<Change>>, ChangeError> {
         loop {
             let mut page = match self.cursor.next_page(&self.pool).await? {
                 Some(page) => page,

@@ -70,9 +70,8 @@ pub struct Subscription {
     pub kinds: KindSet,
     /// Only rows matching this query (same operators as `find`).
     pub query: Option<Arc<Query>>,
-    /// While resuming: live events of ticks up to this one are dropped (the replay sends
-    /// them); `i64::MAX` until the replay hands over.
-    pub(super) live_after: Option<AtomicI64>,
+    /// Set while a replay sends what the connection missed.
+    pub(super) resuming: Option<Resuming>,
 }
 
 impl Subscription {
@@ -80,7 +79,7 @@ impl Subscription {
         Self {
             kinds,
             query,
-            live_after: None,
+            resuming: None,
         }
     }
 
@@ -89,6 +88,59 @@ impl Subscription {
         self.kinds.contains(kind)
             && (kind == EventKind::Truncated || self.query.as_ref().is_none_or(|q| q.matches(row)))
     }
+}
+
+/// Names one replay: a later subscribe to the same service supersedes it.
+pub type ReplayId = u64;
+
+/// How many live events a subscription holds back while its replay makes its last pass;
+/// a replay that cannot finish before more arrive is cut off (it may resume again).
+const HELD_LIMIT: usize = 10_000;
+
+/// A subscription that resumes from a position: a replay sends the events it missed, then
+/// hands over to live delivery.
+pub(super) struct Resuming {
+    pub(super) replay: ReplayId,
+    /// Live events of ticks up to this one are dropped (the replay sends them); `i64::MAX`
+    /// until the hand-over.
+    pub(super) live_after: AtomicI64,
+    /// During the replay's last pass: the live events after `live_after`, in order, to be
+    /// queued when it ends.
+    pub(super) held: Mutex<Option<Vec<Frame>>>,
+}
+
+impl Resuming {
+    pub(super) fn new(replay: ReplayId) -> Self {
+        Self {
+            replay,
+            live_after: AtomicI64::new(i64::MAX),
+            held: Mutex::new(None),
+        }
+    }
+
+    /// Keeps a live event back while the replay finishes.
+    pub(super) fn hold(&self, frame: Frame) -> Held {
+        let Ok(mut held) = self.held.lock() else {
+            return Held::Overflow;
+        };
+        match held.as_mut() {
+            None => Held::NotHolding(frame),
+            Some(frames) if frames.len() >= HELD_LIMIT => Held::Overflow,
+            Some(frames) => {
+                frames.push(frame);
+                Held::Kept
+            }
+        }
+    }
+}
+
+/// What [`Resuming::hold`] did with a frame.
+pub(super) enum Held {
+    Kept,
+    /// Not in the last pass: deliver it now.
+    NotHolding(Frame),
+    /// Too many held: the replay falls too far behind.
+    Overflow,
 }
 
 /// Why quill cut a connection off; each transport says it its own way (a `/ws` close code).

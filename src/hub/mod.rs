@@ -18,8 +18,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use member::Member;
-use member::Offered;
-pub use member::{ConnId, Cutoff, Frame, Kick, KindSet, RenderedEvent, Subscription};
+pub use member::{ConnId, Cutoff, Frame, Kick, KindSet, RenderedEvent, ReplayId, Subscription};
+use member::{Held, Offered, Resuming};
 
 use crate::auth::Principal;
 use crate::channel::{self, Prepared};
@@ -273,36 +273,82 @@ impl Hub {
         state.all_services.insert(conn);
     }
 
-    /// Subscribes a connection that resumes from a position. Until [`Hub::go_live`], live
-    /// events of this service are dropped for it: the caller replays them from the log.
-    pub fn subscribe_replaying(&self, conn: ConnId, service: Arc<str>, mut subscription: Subscription) {
-        subscription.live_after = Some(AtomicI64::new(i64::MAX));
+    /// Subscribes a connection that resumes from a position, replacing any subscription
+    /// to the service (and superseding its replay, if one runs). Until the replay hands
+    /// over ([`Hub::go_live`]), live events of this service are dropped for it: the replay
+    /// sends them from the log.
+    pub fn subscribe_replaying(&self, conn: ConnId, service: Arc<str>, mut subscription: Subscription) -> ReplayId {
+        let replay = self.next_id.fetch_add(1, Ordering::Relaxed);
+        subscription.resuming = Some(Resuming::new(replay));
         let mut state = self.write();
         if let Some(member) = state.members.get_mut(&conn) {
             member.subscriptions.insert(service.clone(), subscription);
             state.by_service.entry(service).or_default().insert(conn);
         }
+        replay
     }
 
     /// Hands a replaying subscription over to live delivery once the replay has sent every
-    /// event through `replayed_through` (a tick), if no later tick has started publishing.
-    /// False means more ticks started meanwhile: replay up to [`Hub::started_tick`] and try
-    /// again. Live events of ticks up to `replayed_through` stay dropped, so a tick that is
-    /// half published at the hand-over is neither lost nor repeated.
-    pub fn go_live(&self, conn: ConnId, service: &str, replayed_through: i64) -> bool {
+    /// event through `replayed_through` (a tick). If a later tick has started publishing,
+    /// the replay must read on: with `hold`, live events after the newest started tick are
+    /// held back from now on, and the replay reads up to that tick and then calls
+    /// [`Hub::release`]; without, nothing changes and the replay may try again. Live events
+    /// of ticks up to the hand-over tick stay dropped, so a tick that is half published at
+    /// the hand-over is neither lost nor repeated.
+    pub fn go_live(
+        &self,
+        conn: ConnId,
+        service: &str,
+        replay: ReplayId,
+        replayed_through: i64,
+        hold: bool,
+    ) -> HandOver {
         // The write lock waits for any publish in flight: no event is being offered while
         // the position is compared and the hand-over point is set.
         let state = self.write();
-        if self.started_tick.load(Ordering::SeqCst) > replayed_through {
-            return false;
+        let Some(resuming) = resuming(&state, conn, service, replay) else {
+            return HandOver::Superseded;
+        };
+        let started = self.started_tick.load(Ordering::SeqCst);
+        if started <= replayed_through {
+            resuming.live_after.store(replayed_through, Ordering::SeqCst);
+            return HandOver::Live;
         }
-        if let Some(live_after) = state
-            .members
-            .get(&conn)
-            .and_then(|m| m.subscriptions.get(service))
-            .and_then(|s| s.live_after.as_ref())
-        {
-            live_after.store(replayed_through, Ordering::SeqCst);
+        if !hold {
+            return HandOver::NotYet;
+        }
+        resuming.live_after.store(started, Ordering::SeqCst);
+        if let Ok(mut held) = resuming.held.lock() {
+            held.get_or_insert_with(Vec::new);
+        }
+        HandOver::ReadThrough(started)
+    }
+
+    /// Removes a replay's subscription (its resume could not start), unless a later
+    /// subscribe replaced it.
+    pub fn cancel_replay(&self, conn: ConnId, service: &str, replay: ReplayId) {
+        let mut state = self.write();
+        if resuming(&state, conn, service, replay).is_none() {
+            return;
+        }
+        if let Some(member) = state.members.get_mut(&conn) {
+            member.subscriptions.remove(service);
+        }
+        unindex(&mut state.by_service, service, conn);
+    }
+
+    /// Ends a replay's last pass: queues the live events held back meanwhile, in order,
+    /// ahead of any later one. False when the replay was superseded or the connection left.
+    pub fn release(&self, conn: ConnId, service: &str, replay: ReplayId) -> bool {
+        let state = self.write();
+        let (Some(member), Some(resuming)) = (state.members.get(&conn), resuming(&state, conn, service, replay)) else {
+            return false;
+        };
+        let held = resuming.held.lock().ok().and_then(|mut h| h.take()).unwrap_or_default();
+        for frame in held {
+            if self.offer(conn, member, frame) {
+                self.metrics.events_delivered.inc();
+            }
         }
         true
     }
@@ -434,14 +480,23 @@ impl Hub {
                 return;
             }
         };
-        if sub
-            .live_after
-            .as_ref()
-            .is_some_and(|tick| event.position.tick <= tick.load(Ordering::SeqCst))
-        {
-            return; // the replay sends it
+        let mut frame = Frame::Event(prepared.frame(view));
+        if let Some(resuming) = &sub.resuming {
+            if event.position.tick <= resuming.live_after.load(Ordering::SeqCst) {
+                return; // the replay sends it
+            }
+            frame = match resuming.hold(frame) {
+                Held::Kept => return,
+                Held::NotHolding(live) => live,
+                Held::Overflow => {
+                    self.metrics.slow_consumer_disconnects.inc();
+                    member
+                        .kick
+                        .fire(Cutoff::SlowConsumer, "slow consumer: resume fell behind live delivery");
+                    return;
+                }
+            };
         }
-        let frame = Frame::Event(prepared.frame(view));
         if self.offer(conn, member, frame) {
             self.metrics.events_delivered.inc();
         }
@@ -461,17 +516,38 @@ impl Hub {
         }
     }
 
-    /// The frame a replayed event makes for one connection, if that connection may have it
-    /// now (same channels, filters and view as a live event).
-    pub fn replay_frame(&self, conn: ConnId, prepared: &mut Prepared<'_>) -> Option<Frame> {
+    /// Queues a replayed event for one connection, if it may have it now (same channels,
+    /// filters and view as a live event) and the subscription is still this replay's. The
+    /// check and the send happen under the hub's lock, so a subscribe that supersedes the
+    /// replay is never followed by one of its events.
+    pub fn replay_event(
+        &self,
+        conn: ConnId,
+        replay: ReplayId,
+        prepared: &mut Prepared<'_>,
+        permit: mpsc::Permit<'_, Frame>,
+    ) -> Replayed {
         let state = self.read();
-        let member = state.members.get(&conn)?;
-        let sub = member.subscription(&prepared.event.service)?;
+        let Some(member) = state.members.get(&conn) else {
+            return Replayed::Stop;
+        };
+        let Some(sub) = member
+            .subscriptions
+            .get(&*prepared.event.service)
+            .filter(|s| s.resuming.as_ref().is_some_and(|r| r.replay == replay))
+        else {
+            return Replayed::Stop;
+        };
         if !reached(member, prepared) || !sub.wants(prepared.event.kind, &prepared.event.data) {
-            return None;
+            return Replayed::Skip;
         }
-        let view = prepared.view_for(member.principal.as_deref())?;
-        Some(Frame::Event(prepared.frame(view)))
+        match prepared.view_for(member.principal.as_deref()) {
+            Some(view) => {
+                permit.send(Frame::Event(prepared.frame(view)));
+                Replayed::Sent
+            }
+            None => Replayed::Skip,
+        }
     }
 
     /// Waits until every connection with parked frames has taken them, for at most
@@ -536,3 +612,37 @@ impl Hub {
 
 #[cfg(test)]
 mod tests;
+
+/// What [`Hub::go_live`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HandOver {
+    /// Live from now on.
+    Live,
+    /// Read up to this tick, then [`Hub::release`]; later live events are held meanwhile.
+    ReadThrough(i64),
+    /// A later tick started: read on and try again.
+    NotYet,
+    /// Another subscribe replaced this replay's subscription, or the connection left.
+    Superseded,
+}
+
+/// What a replayed event makes for its connection.
+pub enum Replayed {
+    Sent,
+    /// Not for this connection (channels, filters, view).
+    Skip,
+    /// The replay's subscription is gone: stop.
+    Stop,
+}
+
+/// The resume state of a replay's subscription, if it is still that replay's.
+fn resuming<'s>(state: &'s State, conn: ConnId, service: &str, replay: ReplayId) -> Option<&'s Resuming> {
+    state
+        .members
+        .get(&conn)?
+        .subscriptions
+        .get(service)?
+        .resuming
+        .as_ref()
+        .filter(|r| r.replay == replay)
+}

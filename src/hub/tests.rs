@@ -118,14 +118,14 @@ async fn a_replaying_subscription_drops_live_events_until_it_goes_live_after_its
     let p = policy(&["anonymous"]);
     let mut m = hub.join(8);
     hub.begin_tick(5);
-    hub.subscribe_replaying(m.id, Arc::from("messages"), all());
+    let replay = hub.subscribe_replaying(m.id, Arc::from("messages"), all());
     publish(&hub, &p, &at(5, 51));
     assert!(m.frames.try_recv().is_err(), "the replay sends tick 5");
     // Tick 6 started while the replay read up to 5: not yet live.
     hub.begin_tick(6);
     publish(&hub, &p, &at(6, 60));
-    assert!(!hub.go_live(m.id, "messages", 5));
-    assert!(hub.go_live(m.id, "messages", 6));
+    assert_eq!(hub.go_live(m.id, "messages", replay, 5, false), HandOver::NotYet);
+    assert_eq!(hub.go_live(m.id, "messages", replay, 6, false), HandOver::Live);
     // The rest of tick 6 is the replay's too; tick 7 is live.
     publish(&hub, &p, &at(6, 61));
     hub.begin_tick(7);
@@ -133,6 +133,55 @@ async fn a_replaying_subscription_drops_live_events_until_it_goes_live_after_its
     let frame = m.frames.try_recv().expect("live after the hand-over");
     assert_eq!(data_of(frame)["id"], 70);
     assert!(m.frames.try_recv().is_err(), "nothing repeated");
+}
+
+#[tokio::test]
+async fn a_last_pass_holds_later_live_events_and_queues_them_after_the_replay() {
+    let hub = Hub::new();
+    let p = policy(&["anonymous"]);
+    let mut m = hub.join(8);
+    hub.begin_tick(5);
+    let replay = hub.subscribe_replaying(m.id, Arc::from("messages"), all());
+    // The replay read up to 5; 6 started and is half published.
+    hub.begin_tick(6);
+    publish(&hub, &p, &at(6, 60));
+    assert_eq!(hub.go_live(m.id, "messages", replay, 5, true), HandOver::ReadThrough(6));
+    publish(&hub, &p, &at(6, 61)); // the replay's: it reads through 6
+    hub.begin_tick(7);
+    publish(&hub, &p, &at(7, 70)); // held
+    assert!(m.frames.try_recv().is_err(), "held while the replay reads");
+    assert!(hub.release(m.id, "messages", replay));
+    publish(&hub, &p, &at(7, 71));
+    let ids: Vec<Value> = std::iter::from_fn(|| m.frames.try_recv().ok())
+        .map(|f| data_of(f)["id"].clone())
+        .collect();
+    assert_eq!(ids, [70, 71], "held events first, then live, nothing repeated");
+}
+
+#[tokio::test]
+async fn a_later_subscribe_supersedes_a_running_replay() {
+    let hub = Hub::new();
+    let p = policy(&["anonymous"]);
+    let mut m = hub.join(8);
+    let first = hub.subscribe_replaying(m.id, Arc::from("messages"), all());
+    let second = hub.subscribe_replaying(m.id, Arc::from("messages"), all());
+    let replayed = at(1, 10);
+    let replay = |id| {
+        let permit = m.replies.try_reserve().expect("room");
+        hub.replay_event(m.id, id, &mut p.prepare(&replayed), permit)
+    };
+    assert!(matches!(replay(first), Replayed::Stop));
+    assert!(matches!(replay(second), Replayed::Sent));
+    assert_eq!(hub.go_live(m.id, "messages", first, 1, true), HandOver::Superseded);
+    // A plain subscribe supersedes it too.
+    hub.subscribe(m.id, Arc::from("messages"), all());
+    assert!(matches!(replay(second), Replayed::Stop));
+    assert!(!hub.release(m.id, "messages", second));
+    publish(&hub, &p, &at(2, 20));
+    let ids: Vec<Value> = std::iter::from_fn(|| m.frames.try_recv().ok())
+        .map(|f| data_of(f)["id"].clone())
+        .collect();
+    assert_eq!(ids, [10, 20], "the second replay's event, then live");
 }
 
 #[tokio::test]

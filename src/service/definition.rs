@@ -2,7 +2,7 @@
 //! roles and delivery policy, checked against the catalog at start-up.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::Value;
 
@@ -39,6 +39,8 @@ pub struct Service {
     pub policy: Policy,
     /// On the users service: the password column, hashed on every write.
     pub(super) password_field: Option<String>,
+    /// Why the table, read anew, no longer fits the configuration (`None` while it fits).
+    misfit: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -168,6 +170,7 @@ impl Service {
                 visibility: Visibility::new(restricted).map_err(|e| format!("service '{name}': {e}"))?,
             },
             password_field,
+            misfit: Mutex::new(None),
         })
     }
 
@@ -189,6 +192,21 @@ impl Service {
     /// Takes a table read anew from the catalog (same schema, name and configured columns).
     pub(crate) fn replace_table(&self, table: Table) {
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+
+    /// Records whether the table, read anew, fits the configuration; true when that
+    /// changed (or the reason did), so it is reported once, not at every check.
+    pub(crate) fn set_misfit(&self, reason: Option<String>) -> bool {
+        let mut misfit = self.misfit.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = *misfit != reason;
+        *misfit = reason;
+        changed
+    }
+
+    /// The table no longer fits the configuration: rows that do not fit the catalog need
+    /// not ask for it to be read again (the periodic check and the DDL trigger do).
+    pub(crate) fn is_misfit(&self) -> bool {
+        self.misfit.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
     /// Removes hidden fields and every field the catalog does not know: a column added

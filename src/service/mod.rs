@@ -208,16 +208,20 @@ impl Services {
     /// A logged row whose columns are not the catalog's means the table changed: have it
     /// read again (the row is stripped to the known columns meanwhile).
     pub fn check_row_shape(&self, service: &Service, row: &Value) {
-        if !service.table().fits(row) {
+        if !service.is_misfit() && !service.table().fits(row) {
             self.schema_changed.notify_one();
         }
     }
 
-    /// Reads every service's table from the catalog again; see [`Services::refresh`].
-    pub async fn refresh_all(&self) {
+    /// Reads every service's table from the catalog again (see [`Services::refresh`]);
+    /// returns how many no longer fit their configuration.
+    pub async fn refresh_all(&self) -> usize {
+        let mut misfits = 0;
         for service in self.by_name.values() {
             self.refresh(service).await;
+            misfits += usize::from(service.is_misfit());
         }
+        misfits
     }
 
     /// Reads a service's table from the catalog again. A changed table is taken (a new
@@ -238,6 +242,9 @@ impl Services {
         .await;
         match loaded {
             Ok(table) => {
+                if service.set_misfit(None) {
+                    tracing::info!(service = %service.name, "the table fits the configuration again");
+                }
                 if let Err(e) = install_capture(self.pool(), &table).await {
                     tracing::error!(service = %service.name, error = %e, "cannot install change capture again");
                 }
@@ -246,11 +253,18 @@ impl Services {
                     service.replace_table(table);
                 }
             }
-            Err(e) => tracing::error!(
-                service = %service.name,
-                error = %e,
-                "the table no longer fits the configuration; update the configuration and restart"
-            ),
+            Err(CatalogError::Database(e)) => {
+                tracing::warn!(service = %service.name, error = %e, "cannot read the table's catalog again");
+            }
+            Err(e) => {
+                if service.set_misfit(Some(e.to_string())) {
+                    tracing::error!(
+                        service = %service.name,
+                        error = %e,
+                        "the table no longer fits the configuration; update the configuration and restart"
+                    );
+                }
+            }
         }
     }
 

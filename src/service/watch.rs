@@ -9,9 +9,16 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::Services;
+use crate::metrics::Metrics;
 
 /// Runs until `shutdown`.
-pub async fn watch_schema(services: Arc<Services>, changed: Arc<Notify>, every: Duration, shutdown: CancellationToken) {
+pub async fn watch_schema(
+    services: Arc<Services>,
+    changed: Arc<Notify>,
+    every: Duration,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     // The catalogs were just read at start-up: the first check is one interval away.
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -21,6 +28,8 @@ pub async fn watch_schema(services: Arc<Services>, changed: Arc<Notify>, every: 
             _ = tick.tick() => {}
             _ = changed.notified() => {}
         }
-        services.refresh_all().await;
+        let misfits = services.refresh_all().await;
+        metrics.schema_checks.inc();
+        metrics.services_misfit.set(misfits as i64);
     }
 }

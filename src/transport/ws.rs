@@ -26,7 +26,7 @@ use super::{AppState, MAX_BODY_BYTES};
 use crate::change::ResumeError;
 use crate::error::{Error, ErrorKind};
 use crate::event::EventKind;
-use crate::hub::{ConnId, Cutoff, Frame, Kick, KindSet, Subscription};
+use crate::hub::{ConnId, Cutoff, Frame, Kick, KindSet, ReplayId, Subscription};
 use crate::resume::{self, ResumeFailed};
 use crate::service::query::Query;
 use crate::service::{Method, Service, ServiceCall};
@@ -311,18 +311,19 @@ impl Session<'_> {
                     .map(|()| json!({ "subscribed": service })),
                 Some(since) => match self.resume_request(&service, &request, &since) {
                     Ok((service, subscription, since)) => {
-                        self.spawn(
-                            calls,
-                            resume(
-                                self.state.clone(),
-                                self.conn,
-                                service,
-                                subscription,
-                                since,
-                                reference,
-                                self.replies.clone(),
-                            ),
+                        // Registered here, in the order of the client's requests: a later
+                        // subscribe or unsubscribe of the service supersedes it.
+                        let id = resume::register(&self.state.hub, self.conn, &service, subscription);
+                        let resume = resume(
+                            self.state.clone(),
+                            self.conn,
+                            service,
+                            id,
+                            since,
+                            reference,
+                            self.replies.clone(),
                         );
+                        self.spawn(calls, resume);
                         return;
                     }
                     Err(e) => Err(e),
@@ -496,13 +497,13 @@ fn parse_subscription(service: &Service, request: &Map<String, Value>) -> Result
     Ok(Subscription::new(kinds, query))
 }
 
-/// Subscribes from a position: registers (live events of the service wait for the replay),
-/// replies, then replays every missed event and hands over to live delivery.
+/// Resumes a subscription registered as replaying: finds the position, replies, then
+/// replays every missed event and hands over to live delivery.
 async fn resume(
     state: AppState,
     conn: ConnId,
     service: Arc<Service>,
-    subscription: Subscription,
+    id: ReplayId,
     since: i64,
     reference: Value,
     replies: Sender<Frame>,
@@ -511,20 +512,28 @@ async fn resume(
     let after = match resume::locate(&pool, since, state.limits.max_replay_changes).await {
         Ok(after) => after,
         Err(e) => {
+            state.hub.cancel_replay(conn, &service.name, id);
             let _ = replies.send(error_frame(&reference, &resume_error(since, e))).await;
             return;
         }
     };
-    resume::register(&state.hub, conn, &service, subscription);
     let reply = json!({ "subscribed": &*service.name, "since": since });
     if replies.send(result_frame(&reference, reply)).await.is_err() {
         return;
     }
-    if let Err(e) = resume::replay(&state.hub, pool, conn, &service, after, &replies).await {
-        tracing::warn!(error = %e, "resume failed");
-        state
-            .hub
-            .kick(conn, Cutoff::SlowConsumer, "resume failed: subscribe again with since");
+    match resume::replay(&state.hub, pool, conn, &service, id, after, &replies).await {
+        Ok(()) => {}
+        Err(ResumeFailed::Overtaken) => state.hub.kick(
+            conn,
+            Cutoff::Reload,
+            "the change log was pruned past this resume: reload, then subscribe again",
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "resume failed");
+            state
+                .hub
+                .kick(conn, Cutoff::SlowConsumer, "resume failed: subscribe again with since");
+        }
     }
 }
 
@@ -540,6 +549,7 @@ fn resume_error(since: i64, e: ResumeFailed) -> Error {
             Error::bad_request(format!("position {since} is not the seq of a delivered event"))
         }
         ResumeFailed::Lagging(_) => Error::unavailable("this instance is catching up; try again shortly"),
+        ResumeFailed::Overtaken => Error::new(ErrorKind::Gone, format!("{e}; reload and subscribe again")),
         ResumeFailed::Position(ResumeError::Change(e)) | ResumeFailed::Change(e) => {
             tracing::warn!(error = %e, "cannot locate a resume position");
             Error::unavailable("the database is unavailable, try again shortly")
