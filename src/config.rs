@@ -65,6 +65,10 @@ pub struct Config {
     /// What one connection, one client address and the whole process may use.
     #[serde(default)]
     pub limits: Limits,
+    /// Reverse proxies (addresses or CIDR networks) whose `Forwarded` / `X-Forwarded-For`
+    /// header names the client. Empty (the default): the socket's peer is the client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// Authentication; without it only `public` rules can ever grant.
     #[serde(default)]
     pub authentication: Option<AuthConfig>,
@@ -134,6 +138,9 @@ pub struct Limits {
     pub handshake_timeout_ms: u64,
     /// The most changes one resume with `since` may replay; further behind gets `Gone`.
     pub max_replay_changes: u64,
+    /// The most rows a `find` on a service with `paginate = false` returns (`$limit` may
+    /// ask for fewer).
+    pub max_find_rows: u64,
 }
 
 impl Default for Limits {
@@ -147,6 +154,7 @@ impl Default for Limits {
             write_timeout_ms: 10_000,
             handshake_timeout_ms: 10_000,
             max_replay_changes: 1_000_000,
+            max_find_rows: 10_000,
         }
     }
 }
@@ -206,6 +214,15 @@ pub struct ServiceConfig {
     /// Columns only some readers may see, e.g. `{ email = ["owner:id", "role:admin"] }`.
     #[serde(default)]
     pub visible_to: BTreeMap<String, Vec<String>>,
+    /// Whether clients may choose the id (and any other identity or serial column) on
+    /// create. Default: only when the id column has no default, so nothing else could set it.
+    #[serde(default)]
+    pub client_ids: Option<bool>,
+    /// Whether a multi `patch` or `remove` may go without a query (every row the caller may
+    /// reach). Default `false`: such a call is refused, so a forgotten filter cannot empty
+    /// the table.
+    #[serde(default)]
+    pub multi_all_rows: bool,
 }
 
 /// A service's `access` setting.
@@ -271,22 +288,32 @@ pub struct AuthConfig {
     pub audience: String,
     #[serde(default = "default_issuer")]
     pub issuer: String,
-    /// Login attempts allowed per minute per client address and per username.
+    /// Failed logins allowed per minute per client address and per username; sign-ups per
+    /// client address.
     #[serde(default)]
     pub rate_limit: RateLimit,
+    /// The costliest stored password hash quill will check.
+    #[serde(default)]
+    pub password_hash: HashLimits,
     /// Tokens of another issuer accepted as well.
     #[serde(default)]
     pub external: Option<ExternalJwt>,
 }
 
-/// Login rate limits (attempts per minute).
+/// Login and sign-up rate limits, per minute. Logins count failed attempts only.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
+    /// Failed logins from one client address.
     #[serde(default = "default_per_address")]
     pub per_address: u32,
+    /// Failed logins for one username.
     #[serde(default = "default_per_username")]
     pub per_username: u32,
+    /// Sign-ups (creates on the users service by a caller who is not logged in) from one
+    /// client address.
+    #[serde(default = "default_signups_per_address")]
+    pub signups_per_address: u32,
 }
 
 impl Default for RateLimit {
@@ -294,6 +321,27 @@ impl Default for RateLimit {
         Self {
             per_address: default_per_address(),
             per_username: default_per_username(),
+            signups_per_address: default_signups_per_address(),
+        }
+    }
+}
+
+/// The costliest stored password hash quill runs (a hash imported through SQL with higher
+/// parameters is refused unchecked). quill's own hashes are argon2id m=19456 KiB, t=2, p=1.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HashLimits {
+    pub max_memory_kib: u32,
+    pub max_time_cost: u32,
+    pub max_parallelism: u32,
+}
+
+impl Default for HashLimits {
+    fn default() -> Self {
+        Self {
+            max_memory_kib: 65_536,
+            max_time_cost: 8,
+            max_parallelism: 4,
         }
     }
 }
@@ -413,6 +461,9 @@ fn default_per_address() -> u32 {
 fn default_per_username() -> u32 {
     10
 }
+fn default_signups_per_address() -> u32 {
+    10
+}
 fn default_id_claim() -> String {
     "sub".into()
 }
@@ -458,6 +509,7 @@ impl Default for Config {
             retention: Retention::default(),
             schema_check_interval_ms: default_schema_check_interval_ms(),
             limits: Limits::default(),
+            trusted_proxies: Vec::new(),
             authentication: None,
             demo_tables: false,
             services: BTreeMap::new(),
@@ -514,9 +566,10 @@ impl Config {
             || l.ping_interval_ms == 0
             || l.write_timeout_ms == 0
             || l.handshake_timeout_ms == 0
+            || l.max_find_rows == 0
         {
             return Err(ConfigError::Invalid(
-                "limits: calls_in_flight, max_connections, connections_per_address, ping_interval_ms, write_timeout_ms and handshake_timeout_ms must be at least 1".into(),
+                "limits: calls_in_flight, max_connections, connections_per_address, ping_interval_ms, write_timeout_ms, handshake_timeout_ms and max_find_rows must be at least 1".into(),
             ));
         }
         if l.idle_timeout_ms <= l.ping_interval_ms {

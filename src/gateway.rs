@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::pipeline;
 use crate::service::watch::watch_schema;
 use crate::service::{ServiceExtensions, Services, SetupError};
+use crate::transport::TrustedProxies;
 use crate::transport::limits::ConnectionLimiter;
 use crate::transport::{self, AppState, router};
 
@@ -41,6 +42,8 @@ pub enum GatewayError {
     Setup(#[from] SetupError),
     #[error("cannot read the change log")]
     ChangeLog(#[from] ChangeError),
+    #[error("invalid config: {0}")]
+    Config(String),
 }
 
 /// Connects a pool and runs the migrations (the demo tables too when configured).
@@ -129,6 +132,7 @@ pub async fn run_with(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    let proxies = TrustedProxies::parse(&config.trusted_proxies).map_err(GatewayError::Config)?;
     let pool = connect_and_migrate(&database_url, &config).await?;
     let services = Arc::new(Services::build(pool.clone(), &config, extensions.services).await?);
     let metrics = Arc::new(Metrics::default());
@@ -183,7 +187,7 @@ pub async fn run_with(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "quill is serving");
     }
-    transport::serve(listener, app, config.limits.handshake_timeout(), token.clone()).await;
+    transport::serve(listener, app, config.limits.handshake_timeout(), proxies, token.clone()).await;
     token.cancel();
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {

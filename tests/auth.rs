@@ -130,7 +130,7 @@ fn base64_url_encode(text: &str) -> String {
 }
 
 #[tokio::test]
-async fn passwords_are_hashed_on_every_write_and_hashes_are_not_hashed_again() {
+async fn passwords_are_hashed_on_every_write_even_when_they_look_like_hashes() {
     let q = Quill::start_secure().await;
     let (id, token) = q.user("dee@x.io", false).await;
     let stored = || async {
@@ -152,15 +152,25 @@ async fn passwords_are_hashed_on_every_write_and_hashes_are_not_hashed_again() {
     let second = stored().await;
     assert!(second.starts_with("$argon2id$") && second != first);
     assert!(!q.login("dee@x.io", "new secret").await.is_empty());
-    // a value that already is a hash is stored as it is
-    q.rest_as(
-        &token,
-        "PATCH",
-        &format!("/users/{id}"),
-        Some(json!({"password": first.clone()})),
-    )
-    .await;
-    assert_eq!(stored().await, first);
+    // A value that looks like a hash is a password like any other: hashed, never stored.
+    let (status, _) = q
+        .rest_as(
+            &token,
+            "PATCH",
+            &format!("/users/{id}"),
+            Some(json!({"password": first.clone()})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let third = stored().await;
+    assert!(
+        third != first && third.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{third}"
+    );
+    assert!(
+        !q.login("dee@x.io", &first).await.is_empty(),
+        "its text is the password now"
+    );
 }
 
 #[tokio::test]

@@ -16,6 +16,7 @@ mod rest_query;
 mod resume;
 mod retention;
 mod schema;
+mod security;
 mod slow_consumers;
 mod startup;
 mod truncate;

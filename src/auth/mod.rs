@@ -56,6 +56,7 @@ pub struct Authenticator {
     tokens: Tokens,
     external: Option<ExternalTokens>,
     limiter: LoginLimiter,
+    hash_policy: password::HashPolicy,
     /// Recently checked tokens, so that REST requests do not load the user every time.
     /// Entries live a few seconds and go at once when their user's row changes.
     recent: Mutex<HashMap<String, (Principal, Instant)>>,
@@ -91,6 +92,7 @@ impl Authenticator {
             tokens: Tokens::new(secret.as_bytes(), config),
             external: config.external.as_ref().map(ExternalTokens::new).transpose()?,
             limiter: LoginLimiter::new(config.rate_limit),
+            hash_policy: config.password_hash,
             recent: Mutex::new(HashMap::new()),
             username_field: config.username_field.clone(),
             password_field: config.password_field.clone(),
@@ -107,6 +109,11 @@ impl Authenticator {
 
     pub fn password_field(&self) -> &str {
         &self.password_field
+    }
+
+    /// Counts a sign-up from `address`; false when it has used up its sign-ups.
+    pub fn signup_allowed(&self, address: IpAddr) -> bool {
+        self.limiter.signup(address)
     }
 
     /// `create` on `authentication`.
@@ -145,10 +152,10 @@ impl Authenticator {
             .get(&self.password_field)
             .and_then(Value::as_str)
             .unwrap_or_default();
-        if !self.limiter.attempt(address, username) {
+        if !self.limiter.begin_login(address, username) {
             return Err(Error::new(
                 ErrorKind::TooManyRequests,
-                "Too many login attempts, try again later",
+                "Too many failed login attempts, try again later",
             ));
         }
         if username.is_empty() || password.is_empty() {
@@ -173,10 +180,11 @@ impl Authenticator {
             .and_then(Value::as_str)
             .map(str::to_owned);
         // Unknown user and wrong password cost the same and answer the same.
-        let verified = password::verify(password.to_owned(), stored).await;
+        let verified = password::verify(password.to_owned(), stored, self.hash_policy).await;
         let (true, Some(row)) = (verified, row) else {
             return Err(invalid_login());
         };
+        self.limiter.login_succeeded(address, username);
         let id = id_text(&row, &self.entity.table().id().name).ok_or_else(invalid_login)?;
         let (token, claims) = self
             .tokens
@@ -280,17 +288,21 @@ impl Authenticator {
             .and_then(|f| row.get(f))
             .and_then(Value::as_str)
             .map(str::to_owned);
+        let mut principal = Principal {
+            id,
+            role,
+            user: Value::Null,
+            expires_at,
+        };
+        // The user object goes back to the user at every login: what they may see of their
+        // own row, as any read of it would show.
         let mut user = row.clone();
-        self.entity.strip(&mut user);
+        self.entity.strip_for(Some(&principal), &mut user);
         if let Value::Object(fields) = &mut user {
             fields.remove(&self.password_field);
         }
-        Some(Principal {
-            id,
-            role,
-            user,
-            expires_at,
-        })
+        principal.user = user;
+        Some(principal)
     }
 }
 

@@ -49,6 +49,15 @@ impl Visibility {
         }
     }
 
+    /// Whether `user` sees `field` in every row it reads, so it may filter or sort on it (a
+    /// field it sees only in its own rows would let it bisect other rows' values).
+    pub fn sees_everywhere(&self, user: Option<&Principal>, field: &str) -> bool {
+        self.restricted
+            .iter()
+            .filter(|(name, _)| name == field)
+            .all(|(_, rules)| rules.iter().any(|r| r.admits_every_row(user)))
+    }
+
     /// Strips a row for one reader (responses).
     pub fn strip_for(&self, user: Option<&Principal>, row: &mut Value) {
         if !self.restricted.is_empty() {

@@ -48,6 +48,17 @@ impl Rule {
     }
 }
 
+impl Rule {
+    /// Whether the rule admits the caller whatever the row (an `owner:` rule depends on it).
+    pub fn admits_every_row(&self, caller: Option<&Principal>) -> bool {
+        match (self, caller) {
+            (Rule::Public, _) | (Rule::Authenticated, Some(_)) => true,
+            (Rule::Role(role), Some(p)) => p.has_role(role),
+            _ => false,
+        }
+    }
+}
+
 /// Whether `row[column]` is the caller's id (compared as text, so `7` and `"7"` match).
 pub fn owns(caller: &Principal, row: &Value, column: &str) -> bool {
     match row.get(column) {

@@ -13,7 +13,7 @@ use crate::channel::{EventFilter, Policy, Publisher, TemplatePublisher, Visibili
 use crate::config::{Access, Multi, ServiceConfig};
 use crate::error::Error;
 use crate::service::query::Query;
-use crate::store::Table;
+use crate::store::{Column, Table};
 
 /// What the server writes into a stamped column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,10 @@ pub struct Service {
     pub(super) password_field: Option<String>,
     /// Why the table, read anew, no longer fits the configuration (`None` while it fits).
     misfit: Mutex<Option<String>>,
+    /// Clients may choose ids (and other identity or serial values) on create.
+    pub(super) client_ids: bool,
+    /// A multi patch or remove may go without a query.
+    pub(super) multi_all_rows: bool,
 }
 
 impl std::fmt::Debug for Service {
@@ -120,6 +124,8 @@ impl Service {
             }
             access.insert(method_name, MethodAccess(rules));
         }
+        // Nothing but the client can set an id without a default.
+        let client_ids = config.client_ids.unwrap_or(!table.id().has_default);
         let mut stamps = Vec::new();
         for (c, source) in &config.stamp {
             column(c, "stamp")?;
@@ -171,6 +177,8 @@ impl Service {
             },
             password_field,
             misfit: Mutex::new(None),
+            client_ids,
+            multi_all_rows: config.multi_all_rows,
         })
     }
 
@@ -192,6 +200,53 @@ impl Service {
     /// Takes a table read anew from the catalog (same schema, name and configured columns).
     pub(crate) fn replace_table(&self, table: Table) {
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+
+    /// What a client may not write itself: the id and server-generated columns (unless
+    /// the service takes client ids), and hidden columns other than the password.
+    pub(super) fn client_may_not_write(&self, column: &Column) -> Option<&'static str> {
+        if column.read_only {
+            return Some("read-only");
+        }
+        let table = self.table();
+        if !self.client_ids && (column.name == table.id().name || column.server_generated) {
+            return Some("set by the server");
+        }
+        if self.is_hidden(&column.name) && self.password_field.as_deref() != Some(column.name.as_str()) {
+            return Some("set by the server");
+        }
+        None
+    }
+
+    /// The columns a `PUT` keeps as they are when it does not name them: what clients
+    /// do not write (server-generated, hidden), stamps, and `write_roles` columns the
+    /// caller may not write. Everything else goes back to its default, as in Feathers.
+    pub(super) fn kept_on_replace(&self, caller: Option<&Principal>) -> Vec<String> {
+        let table = self.table();
+        let mut kept: Vec<String> = table
+            .columns
+            .iter()
+            .filter(|c| c.server_generated || self.is_hidden(&c.name))
+            .map(|c| c.name.clone())
+            .collect();
+        kept.extend(self.stamps.iter().map(|(c, _)| c.clone()));
+        for (column, roles) in &self.write_roles {
+            if !caller.is_some_and(|c| roles.iter().any(|r| c.has_role(r))) {
+                kept.push(column.clone());
+            }
+        }
+        kept
+    }
+
+    /// An error as the caller may see it: a constraint error never names a hidden column.
+    pub(super) fn conceal(&self, mut error: Error) -> Error {
+        if let Some(errors) = &mut error.errors {
+            errors.retain(|field, _| !self.is_hidden(field));
+            if errors.is_empty() {
+                error.errors = None;
+            }
+        }
+        error
     }
 
     /// Records whether the table, read anew, fits the configuration; true when that
@@ -229,12 +284,17 @@ impl Service {
         self.hidden.iter().any(|h| h == column)
     }
 
-    /// Refuses filters and sorts on hidden fields: `password[$lt]=…` would let a client
-    /// bisect a hash. (`$select` of a hidden field is allowed and stripped.) The error does
-    /// not name the field.
-    pub fn check_queryable(&self, query: &Query) -> Result<(), Error> {
-        if query.filter_columns().any(|c| self.is_hidden(c)) {
-            return Err(Error::bad_request("a hidden field cannot be queried"));
+    /// Refuses filters and sorts on fields the caller cannot see in every row: hidden
+    /// ones (`password[$lt]=…` would let a client bisect a hash) and `visible_to` ones it
+    /// does not see everywhere. (`$select` of such a field is allowed and stripped.) The
+    /// error does not name the field.
+    pub fn check_queryable(&self, query: &Query, caller: Option<&Principal>) -> Result<(), Error> {
+        let visibility = &self.policy.visibility;
+        if query
+            .filter_columns()
+            .any(|c| self.is_hidden(c) || !visibility.sees_everywhere(caller, c))
+        {
+            return Err(Error::bad_request("a field you cannot see cannot be queried"));
         }
         Ok(())
     }

@@ -59,6 +59,8 @@ pub struct ServiceCall {
     pub query: Value,
     /// `params.user`: who is calling, if anyone.
     pub caller: Option<Arc<Principal>>,
+    /// The client's address (behind trusted proxies, the one they report), if known.
+    pub address: Option<IpAddr>,
 }
 
 /// Why the services could not be set up at start-up.
@@ -74,7 +76,12 @@ pub enum SetupError {
     Config(String),
     #[error("authentication needs a JWT secret: set QUILL_JWT_SECRET or authentication.jwt_secret")]
     NoSecret,
+    #[error("the JWT secret is {0} bytes; it must be at least 32 (e.g. `openssl rand -hex 32`)")]
+    ShortSecret(usize),
 }
+
+/// The shortest JWT secret accepted.
+const MIN_SECRET_BYTES: usize = 32;
 
 /// All services, by name and by table, and the authenticator.
 pub struct Services {
@@ -84,6 +91,8 @@ pub struct Services {
     auth: Option<Authenticator>,
     /// Poked when a table may have changed shape (see [`watch`]).
     schema_changed: Arc<tokio::sync::Notify>,
+    /// The most rows an unpaginated `find` returns.
+    max_find_rows: i64,
 }
 
 impl Services {
@@ -129,6 +138,10 @@ impl Services {
                     .as_deref()
                     .filter(|s| !s.is_empty())
                     .ok_or(SetupError::NoSecret)?;
+                // HS256 with a short secret can be brute-forced offline from one token.
+                if secret.len() < MIN_SECRET_BYTES {
+                    return Err(SetupError::ShortSecret(secret.len()));
+                }
                 let entity = by_name
                     .get(&auth.service)
                     .cloned()
@@ -142,6 +155,7 @@ impl Services {
             by_table,
             auth,
             schema_changed: Arc::default(),
+            max_find_rows: i64::try_from(config.limits.max_find_rows).unwrap_or(i64::MAX),
         })
     }
 
@@ -268,6 +282,21 @@ impl Services {
         }
     }
 
+    /// A create on the users service by somebody not logged in is a sign-up: limited per
+    /// client address.
+    fn check_signup(&self, service: &Service, address: Option<IpAddr>) -> Result<()> {
+        let (Some(auth), Some(address)) = (&self.auth, address) else {
+            return Ok(());
+        };
+        if auth.entity().name == service.name && !auth.signup_allowed(address) {
+            return Err(Error::new(
+                ErrorKind::TooManyRequests,
+                "Too many sign-ups, try again later",
+            ));
+        }
+        Ok(())
+    }
+
     async fn call_once(&self, call: ServiceCall) -> Result<Value> {
         let service = self
             .by_name
@@ -275,9 +304,27 @@ impl Services {
             .ok_or_else(|| Error::not_found(format!("Service '{}' not found", call.service)))?;
         let caller = call.caller.as_deref();
         let grant = service.access(call.method).check(caller)?;
+        if call.method == Method::Create && caller.is_none() {
+            self.check_signup(service, call.address)?;
+        }
         let table = &service.table();
         let mut query = Query::parse(&call.query, table)?;
-        service.check_queryable(&query)?;
+        service.check_queryable(&query, caller)?;
+        let many = call.id.as_ref().is_none_or(Value::is_null);
+        if many
+            && matches!(call.method, Method::Patch | Method::Remove)
+            && query.filter.is_empty()
+            && !service.multi_all_rows
+            && service.multi.allows(if call.method == Method::Patch {
+                "patch"
+            } else {
+                "remove"
+            })
+        {
+            return Err(Error::bad_request(
+                "a multi patch or remove needs a query (set multi_all_rows = true to allow one over every row)",
+            ));
+        }
         if let (Grant::Own(columns), Some(caller)) = (&grant, caller) {
             query.filter.push(owner_condition(columns, &caller.id));
         }
@@ -287,7 +334,8 @@ impl Services {
         };
         let outcome = self
             .run(service, call.method, &query, id.as_deref(), call.data, caller, &grant)
-            .await;
+            .await
+            .map_err(|e| service.conceal(e));
         let mut result = match (outcome, &grant, &id) {
             // A row that exists but is not the caller's: forbidden, not missing.
             (Err(e), Grant::Own(_), Some(id)) if e.kind == ErrorKind::NotFound => {
@@ -332,7 +380,9 @@ impl Services {
                     Error::bad_request("You can not replace multiple instances. Did you mean 'patch'?")
                 })?;
                 let data = write_data(service, data, method, caller).await?;
-                self.write_one(service, query, id, &data, WriteMode::Replace).await?
+                let keep = service.kept_on_replace(caller);
+                self.write_one(service, query, id, &data, WriteMode::Replace { keep: &keep })
+                    .await?
             }
             Method::Patch => {
                 let data = write_data(service, data, method, caller).await?;
@@ -380,7 +430,11 @@ impl Services {
     async fn find(&self, service: &Service, query: &Query) -> Result<Value> {
         let table = &service.table();
         match service.paginate {
-            None => Ok(Value::Array(self.store.select(table, query, None, query.limit).await?)),
+            // Unpaginated, still bounded: one call never reads a whole big table.
+            None => {
+                let limit = query.limit.unwrap_or(self.max_find_rows).min(self.max_find_rows);
+                Ok(Value::Array(self.store.select(table, query, None, Some(limit)).await?))
+            }
             Some((default, max)) => {
                 let limit = query.limit.unwrap_or(i64::from(default)).min(i64::from(max));
                 let total = self.store.count(table, &query.filter).await?;
@@ -453,7 +507,7 @@ impl Services {
         query: &Query,
         id: &str,
         data: &Map<String, Value>,
-        mode: WriteMode,
+        mode: WriteMode<'_>,
     ) -> Result<Value> {
         if data.is_empty() && mode == WriteMode::Patch {
             return self.get_one(service, query, id).await;
@@ -554,7 +608,7 @@ async fn prepare_write(
     method: Method,
     caller: Option<&Principal>,
 ) -> Result<Map<String, Value>> {
-    check_columns(service, &row, method != Method::Create)?;
+    check_columns(service, &row)?;
     for (column, roles) in &service.write_roles {
         let allowed = caller.is_some_and(|c| roles.iter().any(|r| c.has_role(r)));
         if row.contains_key(column) && !allowed {
@@ -571,8 +625,10 @@ async fn prepare_write(
             (Stamp::UserRole, Some(c)) => c.role.clone().map(Value::String),
             (_, None) => None,
         };
+        // Stamped when the row is made; an update or patch keeps the stamp (an admin who
+        // edits a message does not become its author).
         match (method, value) {
-            (Method::Create | Method::Update, Some(value)) => {
+            (Method::Create, Some(value)) => {
                 row.insert(column.clone(), value);
             }
             _ => {
@@ -581,28 +637,28 @@ async fn prepare_write(
         }
     }
     if let Some(field) = &service.password_field
-        && let Some(Value::String(password)) = row.get(field)
-        && !password::is_hash(password)
+        && let Some(value) = row.get(field)
     {
-        let hashed = password::hash(password.clone()).await?;
+        // Always quill's own hash with quill's parameters: a client never stores a hash
+        // (its cost would be the attacker's choice) or plain text.
+        let hashed = password::hash(password::accepted(value)?).await?;
         row.insert(field.clone(), Value::String(hashed));
     }
     Ok(row)
 }
 
-fn check_columns(service: &Service, row: &Map<String, Value>, id_removed: bool) -> Result<()> {
+/// Every key must be a column the client may write.
+fn check_columns(service: &Service, row: &Map<String, Value>) -> Result<()> {
+    let table = service.table();
     for key in row.keys() {
-        match service.table().column(key) {
-            None => {
-                return Err(
-                    Error::bad_request(format!("'{key}' is not a column of '{}'", service.name))
-                        .with_field(key, "no such column"),
-                );
-            }
-            Some(c) if c.read_only && !(id_removed && c.name == service.table().id().name) => {
-                return Err(Error::bad_request(format!("'{key}' cannot be written")).with_field(key, "read-only"));
-            }
-            Some(_) => {}
+        let Some(column) = table.column(key) else {
+            return Err(
+                Error::bad_request(format!("'{key}' is not a column of '{}'", service.name))
+                    .with_field(key, "no such column"),
+            );
+        };
+        if let Some(why) = service.client_may_not_write(column) {
+            return Err(Error::bad_request(format!("'{key}' cannot be written: {why}")).with_field(key, why));
         }
     }
     Ok(())

@@ -85,6 +85,11 @@ pub struct Column {
     pub sql_type: String,
     /// Values of this column cannot be written (GENERATED ALWAYS).
     pub read_only: bool,
+    /// The database fills it in: an identity, a serial (a `nextval` default) or a
+    /// generated column. Clients do not write it unless the service lets them.
+    pub server_generated: bool,
+    /// It has a default (so an INSERT may leave it out).
+    pub has_default: bool,
     pub key_kind: KeyKind,
 }
 
@@ -159,10 +164,13 @@ impl Table {
                 });
             }
         }
-        let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(
+        type Attribute = (String, String, String, String, String, bool, bool);
+        let rows: Vec<Attribute> = sqlx::query_as(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attidentity::text,
-                    a.attgenerated::text, t.typname::text
+                    a.attgenerated::text, t.typname::text, a.atthasdef,
+                    COALESCE(pg_get_expr(d.adbin, d.adrelid) LIKE 'nextval(%', false)
              FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+             LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
              ORDER BY a.attnum",
         )
@@ -171,16 +179,20 @@ impl Table {
         .await?;
         let columns: Vec<Column> = rows
             .into_iter()
-            .map(|(name, sql_type, identity, generated, typname)| Column {
-                name,
-                sql_type,
-                read_only: identity == "a" || generated == "s",
-                key_kind: match typname.as_str() {
-                    "int2" | "int4" | "int8" => KeyKind::Integer,
-                    "uuid" => KeyKind::Uuid,
-                    _ => KeyKind::Other,
+            .map(
+                |(name, sql_type, identity, generated, typname, has_default, serial)| Column {
+                    name,
+                    sql_type,
+                    read_only: identity == "a" || generated == "s",
+                    server_generated: !identity.is_empty() || generated == "s" || serial,
+                    has_default: has_default || !identity.is_empty(),
+                    key_kind: match typname.as_str() {
+                        "int2" | "int4" | "int8" => KeyKind::Integer,
+                        "uuid" => KeyKind::Uuid,
+                        _ => KeyKind::Other,
+                    },
                 },
-            })
+            )
             .collect();
         let missing_column = |column: &str| CatalogError::MissingColumn {
             service: service.into(),
@@ -225,6 +237,8 @@ impl Table {
                 name: (*n).into(),
                 sql_type: (*t).into(),
                 read_only: false,
+                server_generated: false,
+                has_default: false,
                 key_kind: if t.contains("int") {
                     KeyKind::Integer
                 } else {

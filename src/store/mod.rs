@@ -78,7 +78,7 @@ impl Store {
         table: &Table,
         target: Target<'_>,
         row: &Map<String, Value>,
-        mode: WriteMode,
+        mode: WriteMode<'_>,
     ) -> Result<Vec<Value>> {
         let st = sql::update(table, target, row, mode);
         rows(&st).fetch_all(&self.pool).await.map(unwrap_rows).map_err(db_error)
@@ -158,9 +158,11 @@ pub(crate) fn db_error(err: sqlx::Error) -> Error {
     }
 }
 
+/// A constraint error: the message names no column (the service decides whether the
+/// caller may know it: see `errors`, which the service layer filters).
 fn field_error(column: Option<String>, what: &str, generic: &str) -> Error {
     match column {
-        Some(c) => Error::bad_request(format!("'{c}' {what}")).with_field(&c, what),
+        Some(c) => Error::bad_request(generic).with_field(&c, what),
         None => Error::bad_request(generic),
     }
 }

@@ -38,11 +38,12 @@ pub struct Target<'a> {
 
 /// How an UPDATE treats columns the data leaves out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteMode {
+pub enum WriteMode<'a> {
     /// PATCH: only the given columns change.
     Patch,
-    /// PUT: the row is replaced; columns not given go back to their default (or NULL).
-    Replace,
+    /// PUT: the row is replaced; columns not given go back to their default (or NULL),
+    /// except those in `keep`.
+    Replace { keep: &'a [String] },
 }
 
 struct Builder<'a> {
@@ -221,16 +222,17 @@ pub(crate) fn insert(table: &Table, row: &Map<String, Value>) -> Statement {
 
 /// UPDATE of the target rows. A `Replace` tags the transaction so the trigger records
 /// `updated` instead of `patched`.
-pub(crate) fn update(table: &Table, target: Target<'_>, row: &Map<String, Value>, mode: WriteMode) -> Statement {
+pub(crate) fn update(table: &Table, target: Target<'_>, row: &Map<String, Value>, mode: WriteMode<'_>) -> Statement {
     let mut b = Builder::new(table);
     let id_name = &table.id().name;
     let mut sets: Vec<String> = row.keys().map(|k| format!("{c} = r.{c}", c = quote_ident(k))).collect();
-    if mode == WriteMode::Replace {
+    if let WriteMode::Replace { keep } = mode {
         sets.extend(
             table
                 .columns
                 .iter()
                 .filter(|c| &c.name != id_name && !c.read_only && !row.contains_key(&c.name))
+                .filter(|c| !keep.contains(&c.name))
                 .map(|c| format!("{} = DEFAULT", quote_ident(&c.name))),
         );
     }
@@ -238,7 +240,7 @@ pub(crate) fn update(table: &Table, target: Target<'_>, row: &Map<String, Value>
     let clause = b.target(target);
     let tag = match mode {
         // set_config(..., true) lasts until the end of this statement's transaction.
-        WriteMode::Replace => ", (SELECT set_config('quill.method', 'update', true)) AS quill_tag",
+        WriteMode::Replace { .. } => ", (SELECT set_config('quill.method', 'update', true)) AS quill_tag",
         WriteMode::Patch => "",
     };
     b.push(&format!(
@@ -286,22 +288,32 @@ mod tests {
     }
 
     #[test]
-    fn replace_tags_the_transaction_and_resets_missing_columns() {
+    fn replace_tags_the_transaction_and_resets_missing_columns_but_the_kept_ones() {
         let row = json!({"name": "a"});
+        let wide = Table::for_tests(
+            "public",
+            "t",
+            "id",
+            &[("id", "bigint"), ("name", "text"), ("kept", "text"), ("other", "text")],
+        );
         let st = update(
-            &table(),
+            &wide,
             Target {
                 id: Some("1"),
                 filter: &[],
             },
             row.as_object().expect("object"),
-            WriteMode::Replace,
+            WriteMode::Replace {
+                keep: &["kept".to_owned()],
+            },
         );
         assert!(
             st.sql.contains("set_config('quill.method', 'update', true)"),
             "{}",
             st.sql
         );
+        assert!(st.sql.contains(r#""other" = DEFAULT"#), "{}", st.sql);
+        assert!(!st.sql.contains(r#""kept" = DEFAULT"#), "{}", st.sql);
         let patch = update(
             &table(),
             Target {

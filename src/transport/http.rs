@@ -5,6 +5,7 @@
 //! the process's file descriptors forever.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -18,11 +19,20 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use super::client_addr::{ClientAddr, TrustedProxies};
+
 /// How long shutdown waits for requests in flight.
 const DRAIN: Duration = Duration::from_secs(5);
 
 /// Serves `app` until `shutdown`, then lets requests in flight finish (within a bound).
-pub async fn serve(listener: TcpListener, app: Router, handshake_timeout: Duration, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    handshake_timeout: Duration,
+    proxies: TrustedProxies,
+    shutdown: CancellationToken,
+) {
+    let proxies = Arc::new(proxies);
     // HTTP/1 only: the auto builder's HTTP/2 sniffing runs before, and without, the
     // header-read timeout.
     let mut builder = Builder::new(TokioExecutor::new()).http1_only();
@@ -48,8 +58,11 @@ pub async fn serve(listener: TcpListener, app: Router, handshake_timeout: Durati
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
+        let proxies = proxies.clone();
         let service = app.clone().map_request(move |mut request: hyper::Request<Incoming>| {
+            let client = ClientAddr(proxies.client(peer.ip(), request.headers()));
             request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            request.extensions_mut().insert(client);
             request
         });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(service));

@@ -1,6 +1,7 @@
 //! Transports: REST, the plain JSON WebSocket (`/ws`), and the health endpoints. Each
 //! decodes a call into a [`crate::service::ServiceCall`]; none builds SQL or error JSON.
 
+mod client_addr;
 mod http;
 pub mod limits;
 mod pages;
@@ -23,6 +24,7 @@ use crate::config::Limits;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::service::Services;
+pub use client_addr::{ClientAddr, TrustedProxies};
 pub use http::serve;
 use limits::ConnectionLimiter;
 

@@ -3,18 +3,19 @@
 //! authenticate with `Authorization: Bearer <token>`. Errors are Feathers error JSON with
 //! status = code.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde_json::{Value, json};
 
-use super::{AppState, qs};
+use super::{AppState, ClientAddr, qs};
 use crate::auth::Principal;
 use crate::error::{Error, ErrorKind};
 use crate::service::{Method, ServiceCall};
@@ -41,116 +42,75 @@ pub(super) async fn not_found() -> Response {
 struct Request {
     headers: HeaderMap,
     query: Option<String>,
+    address: Option<IpAddr>,
 }
 
-async fn find(
-    State(s): State<AppState>,
-    Path(service): Path<String>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    run(&s, service, Method::Find, None, None, Request { headers, query }).await
+impl<S: Send + Sync> FromRequestParts<S> for Request {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Request {
+            headers: parts.headers.clone(),
+            query: parts.uri.query().map(str::to_owned),
+            address: parts.extensions.get::<ClientAddr>().map(|c| c.0),
+        })
+    }
 }
 
-async fn get_one(
-    State(s): State<AppState>,
-    Path((service, id)): Path<(String, String)>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    run(&s, service, Method::Get, Some(id), None, Request { headers, query }).await
+async fn find(State(s): State<AppState>, Path(service): Path<String>, request: Request) -> Response {
+    run(&s, service, Method::Find, None, None, request).await
 }
 
-async fn create(
-    State(s): State<AppState>,
-    Path(service): Path<String>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    body: Bytes,
-) -> Response {
-    run(
-        &s,
-        service,
-        Method::Create,
-        None,
-        Some(body),
-        Request { headers, query },
-    )
-    .await
+async fn get_one(State(s): State<AppState>, Path((service, id)): Path<(String, String)>, request: Request) -> Response {
+    run(&s, service, Method::Get, Some(id), None, request).await
+}
+
+async fn create(State(s): State<AppState>, Path(service): Path<String>, request: Request, body: Bytes) -> Response {
+    run(&s, service, Method::Create, None, Some(body), request).await
 }
 
 async fn update(
     State(s): State<AppState>,
     Path((service, id)): Path<(String, String)>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    request: Request,
     body: Bytes,
 ) -> Response {
-    run(
-        &s,
-        service,
-        Method::Update,
-        Some(id),
-        Some(body),
-        Request { headers, query },
-    )
-    .await
+    run(&s, service, Method::Update, Some(id), Some(body), request).await
 }
 
 async fn patch_one(
     State(s): State<AppState>,
     Path((service, id)): Path<(String, String)>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    request: Request,
     body: Bytes,
 ) -> Response {
-    run(
-        &s,
-        service,
-        Method::Patch,
-        Some(id),
-        Some(body),
-        Request { headers, query },
-    )
-    .await
+    run(&s, service, Method::Patch, Some(id), Some(body), request).await
 }
 
-async fn patch_many(
-    State(s): State<AppState>,
-    Path(service): Path<String>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    body: Bytes,
-) -> Response {
-    run(&s, service, Method::Patch, None, Some(body), Request { headers, query }).await
+async fn patch_many(State(s): State<AppState>, Path(service): Path<String>, request: Request, body: Bytes) -> Response {
+    run(&s, service, Method::Patch, None, Some(body), request).await
 }
 
 async fn remove_one(
     State(s): State<AppState>,
     Path((service, id)): Path<(String, String)>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    request: Request,
 ) -> Response {
-    run(&s, service, Method::Remove, Some(id), None, Request { headers, query }).await
+    run(&s, service, Method::Remove, Some(id), None, request).await
 }
 
-async fn remove_many(
-    State(s): State<AppState>,
-    Path(service): Path<String>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    run(&s, service, Method::Remove, None, None, Request { headers, query }).await
+async fn remove_many(State(s): State<AppState>, Path(service): Path<String>, request: Request) -> Response {
+    run(&s, service, Method::Remove, None, None, request).await
 }
 
 /// `POST /authentication`: local or jwt strategy; answers 201 with the token.
-async fn login(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, body: Bytes) -> Response {
+async fn login(State(s): State<AppState>, request: Request, body: Bytes) -> Response {
     let data = match parse_body(Some(body)) {
         Ok(Some(data)) => data,
         Ok(None) => return error_response(&Error::bad_request("authentication needs a JSON body")),
         Err(e) => return error_response(&e),
     };
-    match s.services.authenticate(&data, Some(peer.ip())).await {
+    match s.services.authenticate(&data, request.address).await {
         Ok(auth) => (StatusCode::CREATED, axum::Json(auth.result)).into_response(),
         Err(e) => error_response(&e),
     }
@@ -200,6 +160,7 @@ async fn run(
                 data,
                 query,
                 caller,
+                address: request.address,
             })
             .await
     };

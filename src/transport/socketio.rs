@@ -6,11 +6,10 @@
 //! its channels decide what it receives, as `"<path> <event>"` with one data argument.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use socketioxide::SocketIo;
@@ -23,7 +22,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio_util::sync::CancellationToken;
 
 use super::session::{Login, sleep_until};
-use super::{AppState, MAX_BODY_BYTES};
+use super::{AppState, ClientAddr, MAX_BODY_BYTES};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hub::{ConnId, Frame, Membership};
 use crate::service::{Method, ServiceCall};
@@ -74,11 +73,7 @@ struct Conn {
 }
 
 fn peer_of(socket: &SocketRef) -> Option<IpAddr> {
-    socket
-        .req_parts()
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
+    socket.req_parts().extensions.get::<ClientAddr>().map(|c| c.0)
 }
 
 fn on_connect(socket: SocketRef, state: AppState) {
@@ -237,6 +232,7 @@ async fn dispatch(state: &AppState, conn: &Conn, event: &str, args: Result<Vec<V
             data,
             query,
             caller: state.hub.principal(conn.id),
+            address: conn.peer,
         })
         .await
 }

@@ -6,12 +6,12 @@
 //! `{"event", "service", "data", "seq"}`. The session is generic over a Sink/Stream of
 //! [`Inbound`]/[`Outbound`] so that it does not depend on axum.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{Extension, State};
 use axum::response::Response;
 use bytes::Bytes;
 use futures::{Sink, SinkExt, Stream, StreamExt};
@@ -22,7 +22,8 @@ use tokio::time::Instant;
 
 use super::rest::error_response;
 use super::session::{Login, sleep_until};
-use super::{AppState, MAX_BODY_BYTES};
+use super::{AppState, ClientAddr, MAX_BODY_BYTES};
+use crate::auth::Principal;
 use crate::change::ResumeError;
 use crate::error::{Error, ErrorKind};
 use crate::event::EventKind;
@@ -66,9 +67,9 @@ pub enum Outbound {
 pub(super) async fn upgrade(
     ws: WebSocketUpgrade,
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientAddr(peer)): Extension<ClientAddr>,
 ) -> Response {
-    let permit = match state.connections.admit(Some(peer.ip())) {
+    let permit = match state.connections.admit(Some(peer)) {
         Ok(permit) => permit,
         Err(refused) => {
             state.metrics.connections_refused.inc();
@@ -81,7 +82,7 @@ pub(super) async fn upgrade(
         .read_buffer_size(2 * 1024)
         .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| async move {
-            serve_socket(state, socket, peer.ip()).await;
+            serve_socket(state, socket, peer).await;
             drop(permit);
         })
 }
@@ -360,6 +361,7 @@ impl Session<'_> {
             data: request.remove("data"),
             query: request.remove("query").unwrap_or(Value::Null),
             caller: self.state.hub.principal(self.conn),
+            address: self.peer,
         };
         let services = self.state.services.clone();
         let replies = self.replies.clone();
@@ -419,7 +421,8 @@ impl Session<'_> {
     /// committed after the client reads the reply is delivered.
     fn subscribe(&self, service: &str, request: &Map<String, Value>) -> Result<(), Error> {
         let service = find_service(self.state, service)?;
-        let subscription = parse_subscription(&service, request)?;
+        let caller = self.state.hub.principal(self.conn);
+        let subscription = parse_subscription(&service, request, caller.as_deref())?;
         self.state.hub.subscribe(self.conn, service.name.clone(), subscription);
         Ok(())
     }
@@ -432,7 +435,8 @@ impl Session<'_> {
         since: &Value,
     ) -> Result<(Arc<Service>, Subscription, i64), Error> {
         let service = find_service(self.state, service)?;
-        let subscription = parse_subscription(&service, request)?;
+        let caller = self.state.hub.principal(self.conn);
+        let subscription = parse_subscription(&service, request, caller.as_deref())?;
         let since = since
             .as_i64()
             .filter(|s| *s >= 0)
@@ -467,8 +471,13 @@ fn find_service(state: &AppState, name: &str) -> Result<Arc<Service>, Error> {
         .ok_or_else(|| Error::not_found(format!("Service '{name}' not found")))
 }
 
-/// `kinds` and `query` of a subscribe request. A query may not read hidden columns.
-fn parse_subscription(service: &Service, request: &Map<String, Value>) -> Result<Subscription, Error> {
+/// `kinds` and `query` of a subscribe request. A query may not read columns the caller
+/// cannot see in every row.
+fn parse_subscription(
+    service: &Service,
+    request: &Map<String, Value>,
+    caller: Option<&Principal>,
+) -> Result<Subscription, Error> {
     let kinds = match request.get("kinds") {
         None | Some(Value::Null) => KindSet::ALL,
         Some(Value::Array(items)) => {
@@ -490,7 +499,7 @@ fn parse_subscription(service: &Service, request: &Map<String, Value>) -> Result
         None | Some(Value::Null) => None,
         Some(q) => {
             let query = Query::parse(q, &service.table())?;
-            service.check_queryable(&query)?;
+            service.check_queryable(&query, caller)?;
             Some(Arc::new(query))
         }
     };
