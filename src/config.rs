@@ -358,16 +358,20 @@ pub struct ExternalJwt {
     /// PEM public key for RS*/ES* algorithms.
     #[serde(default)]
     pub public_key_pem: Option<String>,
-    /// Required `aud` and `iss`, if set.
-    #[serde(default)]
-    pub audience: Option<String>,
-    #[serde(default)]
-    pub issuer: Option<String>,
+    /// The `aud` and `iss` every token must carry (required: a provider signs tokens for
+    /// many apps with one key).
+    pub audience: String,
+    pub issuer: String,
     /// The claim holding the user id (default `sub`) and the role (optional).
     #[serde(default = "default_id_claim")]
     pub id_claim: String,
     #[serde(default)]
     pub role_claim: Option<String>,
+    /// Put before the id claim to make the connection's user id (default `ext:`), so an
+    /// external user is never the local user with the same id: `owner:` rules, stamps and
+    /// `users/<id>` channels see `ext:<sub>`. Must not be empty.
+    #[serde(default = "default_external_id_prefix")]
+    pub id_prefix: String,
 }
 
 impl ServiceConfig {
@@ -463,6 +467,9 @@ fn default_per_username() -> u32 {
 }
 fn default_signups_per_address() -> u32 {
     10
+}
+fn default_external_id_prefix() -> String {
+    "ext:".to_owned()
 }
 fn default_id_claim() -> String {
     "sub".into()

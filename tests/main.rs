@@ -6,6 +6,7 @@ mod auth;
 mod change_feed;
 mod channels;
 mod events;
+mod external_tokens;
 mod feathers;
 mod limits;
 mod model;

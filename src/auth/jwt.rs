@@ -56,6 +56,7 @@ impl Tokens {
         validation.set_audience(&[&config.audience]);
         validation.set_issuer(&[&config.issuer]);
         validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+        validation.validate_nbf = true;
         Self {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
@@ -93,6 +94,7 @@ pub(super) struct ExternalTokens {
     validation: Validation,
     id_claim: String,
     role_claim: Option<String>,
+    id_prefix: String,
 }
 
 /// What an external token says about its user.
@@ -133,34 +135,32 @@ impl ExternalTokens {
             }
             other => return Err(JwtError::Key(format!("algorithm {other:?} is not supported"))),
         };
+        if config.id_prefix.is_empty() {
+            return Err(JwtError::Key(
+                "id_prefix must not be empty: external users need their own id space".into(),
+            ));
+        }
         let mut validation = Validation::new(algorithm);
         validation.leeway = 0;
-        let mut required = vec!["exp"];
-        match &config.audience {
-            Some(aud) => {
-                validation.set_audience(&[aud]);
-                required.push("aud");
-            }
-            None => validation.validate_aud = false,
-        }
-        if let Some(iss) = &config.issuer {
-            validation.set_issuer(&[iss]);
-            required.push("iss");
-        }
-        validation.set_required_spec_claims(&required);
+        validation.validate_nbf = true;
+        validation.set_audience(&[&config.audience]);
+        validation.set_issuer(&[&config.issuer]);
+        validation.set_required_spec_claims(&["exp", "aud", "iss"]);
         Ok(Self {
             key,
             validation,
             id_claim: config.id_claim.clone(),
             role_claim: config.role_claim.clone(),
+            id_prefix: config.id_prefix.clone(),
         })
     }
 
+    /// Checks signature, expiry, not-before, audience and issuer; the id is prefixed.
     pub(super) fn verify(&self, token: &str) -> Result<ExternalUser, JwtError> {
         let claims = decode::<Map<String, Value>>(token, &self.key, &self.validation)?.claims;
         let id = match claims.get(&self.id_claim) {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::String(s)) if !s.is_empty() => format!("{}{s}", self.id_prefix),
+            Some(Value::Number(n)) => format!("{}{n}", self.id_prefix),
             _ => return Err(JwtError::MissingClaim(self.id_claim.clone())),
         };
         let role = self

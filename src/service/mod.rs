@@ -326,7 +326,7 @@ impl Services {
             ));
         }
         if let (Grant::Own(columns), Some(caller)) = (&grant, caller) {
-            query.filter.push(owner_condition(columns, &caller.id));
+            query.filter.push(owner_condition(table, columns, &caller.id));
         }
         let id = match call.id {
             None | Some(Value::Null) => None,
@@ -521,11 +521,13 @@ impl Services {
     }
 }
 
-/// `column = caller id` for any of the owner columns.
-fn owner_condition(columns: &[String], caller_id: &str) -> Condition {
+/// `column = caller id` for any of the owner columns that can hold the id (an external
+/// user's `ext:…` id owns no row of an integer column; none at all is FALSE).
+fn owner_condition(table: &Table, columns: &[String], caller_id: &str) -> Condition {
     Condition::Or(
         columns
             .iter()
+            .filter(|c| table.column(c).is_some_and(|c| fits_key(c.key_kind, caller_id)))
             .map(|c| {
                 vec![Condition::Compare {
                     column: c.clone(),
@@ -571,12 +573,20 @@ fn id_text(id: &Value, table: &Table) -> Result<String> {
         Value::Number(n) => n.to_string(),
         _ => return Err(Error::bad_request("id must be a string or a number")),
     };
-    let fits = match table.id().key_kind {
+    if fits_key(table.id().key_kind, &text) {
+        Ok(text)
+    } else {
+        Err(no_record(&text))
+    }
+}
+
+/// Whether `text` can be a value of a column of this kind.
+fn fits_key(kind: KeyKind, text: &str) -> bool {
+    match kind {
         KeyKind::Integer => text.trim().parse::<i64>().is_ok(),
-        KeyKind::Uuid => is_uuid(&text),
+        KeyKind::Uuid => is_uuid(text),
         KeyKind::Other => true,
-    };
-    if fits { Ok(text) } else { Err(no_record(&text)) }
+    }
 }
 
 fn is_uuid(s: &str) -> bool {
@@ -619,21 +629,27 @@ async fn prepare_write(
             .with_field(column, "not allowed"));
         }
     }
+    // Stamped when the row is made; an update or patch keeps the stamp (an admin who edits
+    // a message does not become its author).
     for (column, stamp) in &service.stamps {
+        row.remove(column);
+        if method != Method::Create {
+            continue;
+        }
         let value = match (stamp, caller) {
-            (Stamp::UserId, Some(c)) => Some(Value::String(c.id.clone())),
+            (Stamp::UserId, Some(c)) => {
+                let kind = service.table().column(column).map_or(KeyKind::Other, |c| c.key_kind);
+                if !fits_key(kind, &c.id) {
+                    return Err(Error::bad_request(format!("'{column}' cannot hold this user's id"))
+                        .with_field(column, "cannot hold this user's id"));
+                }
+                Some(Value::String(c.id.clone()))
+            }
             (Stamp::UserRole, Some(c)) => c.role.clone().map(Value::String),
             (_, None) => None,
         };
-        // Stamped when the row is made; an update or patch keeps the stamp (an admin who
-        // edits a message does not become its author).
-        match (method, value) {
-            (Method::Create, Some(value)) => {
-                row.insert(column.clone(), value);
-            }
-            _ => {
-                row.remove(column);
-            }
+        if let Some(value) = value {
+            row.insert(column.clone(), value);
         }
     }
     if let Some(field) = &service.password_field
