@@ -46,6 +46,14 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Initializes `dir` if it holds no cluster yet, then starts it on 127.0.0.1:`port`.
     pub fn start(dir: &Path, port: u16) -> Result<LocalCluster, ClusterError> {
+        let cluster = Self::init(dir, port)?;
+        cluster.serve(&[])?;
+        Ok(cluster)
+    }
+
+    /// Initializes `dir` if it holds no cluster yet, without starting it (see
+    /// [`LocalCluster::serve`]).
+    pub fn init(dir: &Path, port: u16) -> Result<LocalCluster, ClusterError> {
         let bin = find_binaries().ok_or(ClusterError::NoBinaries)?;
         let run_as = if Uid::effective().is_root() {
             let user = User::from_name("postgres")
@@ -92,13 +100,24 @@ impl LocalCluster {
                 ],
             )?;
         }
-        let options = format!("-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''");
-        let log = cluster.data.join("postgres.log");
-        cluster.run(
+        Ok(cluster)
+    }
+
+    /// Starts the server on 127.0.0.1 with extra settings (`ssl = on`, `hba_file`, …).
+    pub fn serve(&self, settings: &[(&str, &str)]) -> Result<(), ClusterError> {
+        let mut options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''",
+            self.port
+        );
+        for (name, value) in settings {
+            options.push_str(&format!(" -c {name}={value}"));
+        }
+        let log = self.data.join("postgres.log");
+        self.run(
             "pg_ctl",
             &[
                 "-D",
-                path_str(&cluster.data),
+                path_str(&self.data),
                 "-l",
                 path_str(&log),
                 "-o",
@@ -109,8 +128,27 @@ impl LocalCluster {
                 "start",
             ],
         )?;
-        cluster.wait_ready(Duration::from_secs(30))?;
-        Ok(cluster)
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// Makes a file the server's own (as it needs its TLS key to be), mode 0600.
+    pub fn give(&self, file: &Path) -> Result<(), ClusterError> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some((uid, gid)) = self.run_as {
+            chown(file, Some(uid), Some(gid)).map_err(|source| ClusterError::Chown {
+                path: file.into(),
+                source,
+            })?;
+        }
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).map_err(|source| ClusterError::DataDir {
+            path: file.into(),
+            source,
+        })
     }
 
     /// A connection URL for `database` on this cluster.

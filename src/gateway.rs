@@ -44,6 +44,8 @@ pub enum GatewayError {
     ChangeLog(#[from] ChangeError),
     #[error("invalid config: {0}")]
     Config(String),
+    #[error(transparent)]
+    Tls(#[from] crate::pg_tls::TlsError),
 }
 
 /// Connects a pool and runs the migrations (the demo tables too when configured).
@@ -133,6 +135,8 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
     let proxies = TrustedProxies::parse(&config.trusted_proxies).map_err(GatewayError::Config)?;
+    // The LISTEN connection's TLS settings, checked before anything starts.
+    crate::pg_tls::listener_config(&database_url)?;
     let pool = connect_and_migrate(&database_url, &config).await?;
     let services = Arc::new(Services::build(pool.clone(), &config, extensions.services).await?);
     let metrics = Arc::new(Metrics::default());

@@ -30,6 +30,7 @@ pub mod event;
 pub mod gateway;
 pub mod hub;
 pub mod metrics;
+pub mod pg_tls;
 pub mod pipeline;
 pub mod resume;
 pub mod service;

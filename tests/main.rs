@@ -5,6 +5,7 @@ mod support;
 mod auth;
 mod change_feed;
 mod channels;
+mod db_tls;
 mod events;
 mod external_tokens;
 mod feathers;

@@ -3,16 +3,16 @@
 //! reconnects with backoff when the connection dies. The log reader does the real work, so
 //! a notification lost while disconnected loses nothing: each (re)connect wakes the reader.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::pg_tls;
 
 /// The channel the capture trigger notifies.
 pub const CHANNEL: &str = "quill_change";
@@ -80,9 +80,9 @@ async fn listen_once(
     metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
 ) -> Result<(), Lost> {
-    let mut config = tokio_postgres::Config::from_str(database_url).map_err(|e| Lost::Connect(e.to_string()))?;
+    let (mut config, tls) = pg_tls::listener_config(database_url).map_err(|e| Lost::Connect(e.to_string()))?;
     config.application_name("quill listener");
-    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| Lost::Connect(e.to_string()))?;
+    let (client, mut connection) = config.connect(tls).await.map_err(|e| Lost::Connect(e.to_string()))?;
     // Drive the connection in its own task: it must be polled for the client's queries to
     // make progress, and it drains notifications as fast as they come.
     let drain_wake = wake.clone();
