@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{Authenticator, id_text};
+use crate::auth::Authenticator;
 use crate::change::{Change, ChangeError, ChangeSource};
 use crate::event::{EventKind, Position, ServiceEvent};
 use crate::hub::{Cutoff, Hub};
@@ -79,7 +79,7 @@ fn publish(change: &Change, services: &Services, hub: &Hub) {
         // A change to a user moves that user's connections first, so that, say, a demoted
         // admin gets no admin-only event from here on.
         if let Some(auth) = services.auth()
-            && Arc::ptr_eq(auth.entity(), service)
+            && auth.is_users_service(&service.name)
         {
             apply_user_change(auth, change, hub);
         }
@@ -98,7 +98,7 @@ fn apply_user_change(auth: &Authenticator, change: &Change, hub: &Hub) {
         hub.logout_everyone("user removed");
         return;
     }
-    let Some(id) = id_text(&change.row, &auth.entity().table().id().name) else {
+    let Some(id) = auth.user_id_of(&change.row) else {
         return;
     };
     auth.forget_user(&id);

@@ -284,3 +284,40 @@ async fn an_external_issuers_token_is_accepted_with_its_claims_mapped() {
     assert_eq!(status, 200);
     assert_eq!(q.rest_as(&wrong_audience, "GET", "/messages", None).await.0, 401);
 }
+
+fn keys(value: &Value) -> Vec<String> {
+    value
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn login_and_logout_answer_alike_over_rest_and_ws() {
+    let q = Quill::start_secure().await;
+    q.signup("same@x.io", "pw-123456").await;
+    let data = json!({"strategy": "local", "email": "same@x.io", "password": "pw-123456"});
+    let (status, rest_login) = q.rest("POST", "/authentication", Some(data.clone())).await;
+    assert_eq!(status, 201);
+    let mut ws = q.ws().await;
+    let ws_login = ws.ok("create", "authentication", json!({ "data": data })).await;
+    assert_eq!(keys(&rest_login), keys(&ws_login));
+    assert_eq!(rest_login["user"], ws_login["user"]);
+    let token = ws_login["accessToken"].as_str().expect("token").to_owned();
+    // A logout naming another token is refused; one naming this one (or none) ends it.
+    let reply = ws
+        .call("remove", "authentication", json!({"id": "not-the-token"}))
+        .await;
+    assert_eq!(reply["error"]["name"], "NotAuthenticated", "{reply}");
+    let ws_logout = ws.ok("remove", "authentication", json!({"id": token})).await;
+    let (status, rest_logout) = q.rest_as(&token, "DELETE", "/authentication", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(keys(&ws_logout), ["accessToken", "authentication", "user"]);
+    assert_eq!(keys(&ws_logout), keys(&rest_logout));
+    assert_eq!(ws_logout["accessToken"], token);
+    assert_eq!(ws_logout["user"], rest_logout["user"]);
+    assert!(ws_logout["user"].get("password").is_none());
+    // Logged out: the next call is anonymous.
+    let reply = ws.call("find", "messages", json!({})).await;
+    assert_eq!(reply["error"]["name"], "NotAuthenticated", "{reply}");
+}

@@ -8,6 +8,7 @@ mod jwt;
 mod limit;
 pub mod password;
 mod principal;
+mod users;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -20,12 +21,10 @@ use serde_json::{Value, json};
 
 pub use jwt::{Claims, JwtError, generate_secret};
 pub use principal::Principal;
+pub use users::Users;
 
 use crate::config::AuthConfig;
 use crate::error::{Error, ErrorKind, Result};
-use crate::service::Service;
-use crate::service::query::{CompareOp, Condition, Query};
-use crate::store::Store;
 use jwt::{ExternalTokens, Tokens};
 use limit::LoginLimiter;
 
@@ -48,8 +47,7 @@ pub struct Authenticated {
 
 /// Logs users in and turns tokens into principals.
 pub struct Authenticator {
-    entity: Arc<Service>,
-    store: Store,
+    users: Arc<dyn Users>,
     username_field: String,
     password_field: String,
     role_field: Option<String>,
@@ -75,7 +73,7 @@ fn not_authenticated(message: &str) -> Error {
 }
 
 impl Authenticator {
-    pub fn new(config: &AuthConfig, secret: &str, entity: Arc<Service>, store: Store) -> Result<Self, AuthSetupError> {
+    pub fn new(config: &AuthConfig, secret: &str, users: Arc<dyn Users>) -> Result<Self, AuthSetupError> {
         for column in [
             Some(&config.username_field),
             Some(&config.password_field),
@@ -84,7 +82,7 @@ impl Authenticator {
         .into_iter()
         .flatten()
         {
-            if entity.table().column(column).is_none() {
+            if !users.has_column(column) {
                 return Err(AuthSetupError::NoColumn(column.clone()));
             }
         }
@@ -97,14 +95,18 @@ impl Authenticator {
             username_field: config.username_field.clone(),
             password_field: config.password_field.clone(),
             role_field: config.role_field.clone(),
-            entity,
-            store,
+            users,
         })
     }
 
-    /// The users service.
-    pub fn entity(&self) -> &Arc<Service> {
-        &self.entity
+    /// Whether `service` is the users service.
+    pub fn is_users_service(&self, service: &str) -> bool {
+        self.users.service() == service
+    }
+
+    /// A users row's id, as text.
+    pub fn user_id_of(&self, row: &Value) -> Option<String> {
+        self.users.id_of(row)
     }
 
     pub fn password_field(&self) -> &str {
@@ -161,19 +163,7 @@ impl Authenticator {
         if username.is_empty() || password.is_empty() {
             return Err(invalid_login());
         }
-        let query = Query {
-            filter: vec![Condition::Compare {
-                column: self.username_field.clone(),
-                op: CompareOp::Eq,
-                value: username.to_owned(),
-            }],
-            ..Query::default()
-        };
-        let row = self
-            .store
-            .select(&self.entity.table(), &query, None, Some(1))
-            .await?
-            .pop();
+        let row = self.users.find_by(&self.username_field, username).await?;
         let stored = row
             .as_ref()
             .and_then(|r| r.get(&self.password_field))
@@ -185,7 +175,7 @@ impl Authenticator {
             return Err(invalid_login());
         };
         self.limiter.login_succeeded(address, username);
-        let id = id_text(&row, &self.entity.table().id().name).ok_or_else(invalid_login)?;
+        let id = self.users.id_of(&row).ok_or_else(invalid_login)?;
         let (token, claims) = self
             .tokens
             .issue(&id)
@@ -244,9 +234,9 @@ impl Authenticator {
     async fn check(&self, token: &str) -> Result<Principal> {
         match self.tokens.verify(token) {
             Ok(claims) => {
-                let mut rows = self
-                    .store
-                    .select(&self.entity.table(), &Query::default(), Some(&claims.sub), None)
+                let row = self
+                    .users
+                    .get(&claims.sub)
                     .await
                     .map_err(|e| {
                         if e.status() >= 500 {
@@ -254,8 +244,8 @@ impl Authenticator {
                         } else {
                             not_authenticated("User not found")
                         }
-                    })?;
-                let row = rows.pop().ok_or_else(|| not_authenticated("User not found"))?;
+                    })?
+                    .ok_or_else(|| not_authenticated("User not found"))?;
                 self.principal_from_row(&row, Some(claims.exp))
                     .ok_or_else(|| not_authenticated("User not found"))
             }
@@ -281,7 +271,7 @@ impl Authenticator {
 
     /// The principal a users row makes (also used when a user's row changes).
     pub fn principal_from_row(&self, row: &Value, expires_at: Option<u64>) -> Option<Principal> {
-        let id = id_text(row, &self.entity.table().id().name)?;
+        let id = self.users.id_of(row)?;
         let role = self
             .role_field
             .as_ref()
@@ -297,13 +287,23 @@ impl Authenticator {
         // The user object goes back to the user at every login: what they may see of their
         // own row, as any read of it would show.
         let mut user = row.clone();
-        self.entity.strip_for(Some(&principal), &mut user);
+        self.users.present(&principal, &mut user);
         if let Value::Object(fields) = &mut user {
             fields.remove(&self.password_field);
         }
         principal.user = user;
         Some(principal)
     }
+}
+
+/// What a logout answers, as Feathers: the authentication it ends (REST, `/ws` and
+/// socket.io alike).
+pub fn logout_result(token: Option<&str>, principal: &Principal) -> Value {
+    json!({
+        "accessToken": token,
+        "authentication": { "strategy": "jwt", "accessToken": token },
+        "user": principal.user,
+    })
 }
 
 /// A row's id as text.

@@ -4,6 +4,7 @@
 pub mod access;
 mod definition;
 pub mod query;
+mod users;
 pub mod watch;
 
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::store::{CaptureError, CatalogError, KeyKind, Store, Table, Target, WriteMode, install_capture};
 use access::Grant;
 use query::{CompareOp, Condition, Query};
+use users::UsersTable;
 
 /// The Feathers service methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,7 +148,8 @@ impl Services {
                     .get(&auth.service)
                     .cloned()
                     .ok_or_else(|| AuthSetupError::NoService(auth.service.clone()))?;
-                Some(Authenticator::new(auth, secret, entity, store.clone())?)
+                let users = Arc::new(UsersTable::new(entity, store.clone()));
+                Some(Authenticator::new(auth, secret, users)?)
             }
         };
         Ok(Services {
@@ -288,7 +291,7 @@ impl Services {
         let (Some(auth), Some(address)) = (&self.auth, address) else {
             return Ok(());
         };
-        if auth.entity().name == service.name && !auth.signup_allowed(address) {
+        if auth.is_users_service(&service.name) && !auth.signup_allowed(address) {
             return Err(Error::new(
                 ErrorKind::TooManyRequests,
                 "Too many sign-ups, try again later",

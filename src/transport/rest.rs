@@ -13,10 +13,10 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{AppState, ClientAddr, qs};
-use crate::auth::Principal;
+use crate::auth::{Principal, logout_result};
 use crate::error::{Error, ErrorKind};
 use crate::service::{Method, ServiceCall};
 
@@ -123,12 +123,7 @@ async fn logout(State(s): State<AppState>, headers: HeaderMap) -> Response {
         return error_response(&Error::new(ErrorKind::NotAuthenticated, "Not authenticated"));
     };
     match s.services.principal(token).await {
-        Ok(principal) => axum::Json(json!({
-            "accessToken": token,
-            "authentication": { "strategy": "jwt", "accessToken": token },
-            "user": principal.user,
-        }))
-        .into_response(),
+        Ok(principal) => axum::Json(logout_result(Some(token), &principal)).into_response(),
         Err(e) => error_response(&e),
     }
 }

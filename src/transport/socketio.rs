@@ -7,23 +7,23 @@
 
 use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::{AckSender, Event, SocketRef};
 use socketioxide::handler::{ConnectHandler, FromMessageParts, Value as SioValue};
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::Socket;
-use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{self, UnboundedReceiver};
 use tokio_util::sync::CancellationToken;
 
-use super::session::{Login, sleep_until};
+use super::session::{Login, SessionAuth, sleep_until};
 use super::{AppState, ClientAddr, MAX_BODY_BYTES};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::hub::{ConnId, Frame, Membership};
 use crate::service::{Method, ServiceCall};
 
@@ -65,10 +65,7 @@ pub(super) fn layer(state: AppState) -> SocketIoLayer {
 #[derive(Clone)]
 struct Conn {
     id: ConnId,
-    peer: Option<IpAddr>,
-    logins: UnboundedSender<Login>,
-    /// The access token of the current login (a logout must name it or null).
-    token: Arc<Mutex<Option<String>>>,
+    auth: SessionAuth,
     closed: CancellationToken,
 }
 
@@ -83,9 +80,7 @@ fn on_connect(socket: SocketRef, state: AppState) {
     let (logins, login_rx) = mpsc::unbounded_channel();
     let conn = Conn {
         id: member.id,
-        peer,
-        logins,
-        token: Arc::default(),
+        auth: SessionAuth::new(member.id, peer, logins),
         closed: CancellationToken::new(),
     };
     socket.extensions.insert(conn.clone());
@@ -110,7 +105,7 @@ fn on_connect(socket: SocketRef, state: AppState) {
             conn.closed.cancel();
         }
     });
-    tokio::spawn(forward(socket, state, member, login_rx, conn.closed));
+    tokio::spawn(forward(socket, state, member, login_rx, conn.auth, conn.closed));
 }
 
 /// Sends the hub's frames to the socket until it closes; the membership (and so every
@@ -120,6 +115,7 @@ async fn forward(
     state: AppState,
     mut member: Membership,
     mut logins: UnboundedReceiver<Login>,
+    auth: SessionAuth,
     closed: CancellationToken,
 ) {
     let mut expires = None;
@@ -135,7 +131,7 @@ async fn forward(
             // As in Feathers, an expired token logs the connection out; the socket stays.
             _ = sleep_until(expires) => {
                 expires = None;
-                state.hub.logout(member.id);
+                auth.expire(&state);
             }
             Some(frame) = member.frames.recv() => {
                 // Replies go through acks, and a logout is learnt from the next call's 401.
@@ -210,8 +206,8 @@ async fn dispatch(state: &AppState, conn: &Conn, event: &str, args: Result<Vec<V
     let mut next = || args.next().unwrap_or(Value::Null);
     if path == "authentication" {
         return match method {
-            Method::Create => login(state, conn, &next()).await,
-            Method::Remove => logout(state, conn, &next()),
+            Method::Create => conn.auth.login(state, &next()).await,
+            Method::Remove => conn.auth.logout(state, &next()),
             _ => Err(Error::method_not_allowed(format!(
                 "Method '{event}' not allowed on service 'authentication'"
             ))),
@@ -232,43 +228,9 @@ async fn dispatch(state: &AppState, conn: &Conn, event: &str, args: Result<Vec<V
             data,
             query,
             caller: state.hub.principal(conn.id),
-            address: conn.peer,
+            address: conn.auth.peer(),
         })
         .await
-}
-
-async fn login(state: &AppState, conn: &Conn, data: &Value) -> Result<Value> {
-    let auth = state.services.authenticate(data, conn.peer).await?;
-    let expires_at = auth.principal.expires_at;
-    state.hub.login(conn.id, auth.principal);
-    if let Ok(mut token) = conn.token.lock() {
-        *token = auth
-            .result
-            .get("accessToken")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-    }
-    let _ = conn.logins.send(Login::In { expires_at });
-    Ok(auth.result)
-}
-
-/// `remove('authentication', null)`: answers with the authentication it ends, as Feathers.
-fn logout(state: &AppState, conn: &Conn, id: &Value) -> Result<Value> {
-    let not_authenticated = || Error::new(ErrorKind::NotAuthenticated, "Not authenticated");
-    let principal = state.hub.principal(conn.id).ok_or_else(not_authenticated)?;
-    let token = conn.token.lock().ok().and_then(|mut t| t.take());
-    if let (Value::String(named), Some(token)) = (id, &token)
-        && named != token
-    {
-        return Err(Error::new(ErrorKind::NotAuthenticated, "Invalid access token"));
-    }
-    state.hub.logout(conn.id);
-    let _ = conn.logins.send(Login::Out);
-    Ok(json!({
-        "accessToken": token,
-        "authentication": { "strategy": "jwt", "accessToken": token },
-        "user": principal.user,
-    }))
 }
 
 /// All the arguments of an event as loose JSON. Never fails, so every call gets an ack:

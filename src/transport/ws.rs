@@ -16,12 +16,12 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use serde_json::{Map, Value, json};
-use tokio::sync::mpsc::{self, Sender, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{self, Sender, UnboundedReceiver};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::rest::error_response;
-use super::session::{Login, sleep_until};
+use super::session::{Login, SessionAuth, sleep_until};
 use super::{AppState, ClientAddr, MAX_BODY_BYTES};
 use crate::auth::Principal;
 use crate::change::ResumeError;
@@ -127,9 +127,8 @@ where
     let session = Session {
         state: &state,
         conn: member.id,
-        peer,
         replies: member.replies.clone(),
-        logins: login_tx,
+        auth: SessionAuth::new(member.id, peer, login_tx),
     };
     let writer = write_frames(&state, member.id, &mut member.frames, &member.kick, &mut tx);
     let reader = session.read_calls(&mut rx, logins);
@@ -236,9 +235,8 @@ impl Drop for InFlight {
 struct Session<'a> {
     state: &'a AppState,
     conn: ConnId,
-    peer: Option<IpAddr>,
     replies: Sender<Frame>,
-    logins: UnboundedSender<Login>,
+    auth: SessionAuth,
 }
 
 impl Session<'_> {
@@ -257,7 +255,7 @@ impl Session<'_> {
                 Some(login) = logins.recv() => expires = login.deadline(),
                 _ = sleep_until(expires) => {
                     expires = None;
-                    self.state.hub.logout(self.conn);
+                    self.auth.expire(self.state);
                     let _ = self.replies.try_send(Frame::Logout { reason: "token expired" });
                 }
                 _ = tokio::time::sleep_until(heard + limits.idle_timeout()) => {
@@ -305,7 +303,7 @@ impl Session<'_> {
         };
         let reply = match (method.as_str(), service.as_str()) {
             ("create", "authentication") => return self.login(calls, reference, request),
-            ("remove", "authentication") => return self.logout(calls, reference),
+            ("remove", "authentication") => return self.logout(calls, reference, &request),
             ("subscribe", _) => match request.get("since").cloned() {
                 None | Some(Value::Null) => self
                     .subscribe(&service, &request)
@@ -361,7 +359,7 @@ impl Session<'_> {
             data: request.remove("data"),
             query: request.remove("query").unwrap_or(Value::Null),
             caller: self.state.hub.principal(self.conn),
-            address: self.peer,
+            address: self.auth.peer(),
         };
         let services = self.state.services.clone();
         let replies = self.replies.clone();
@@ -377,21 +375,10 @@ impl Session<'_> {
     /// `create` on `authentication`: the connection is logged in for channels and calls.
     fn login(&self, calls: &mut JoinSet<()>, reference: Value, mut request: Map<String, Value>) {
         let data = request.remove("data").unwrap_or(Value::Null);
-        let (state, conn, peer, replies, logins) = (
-            self.state.clone(),
-            self.conn,
-            self.peer,
-            self.replies.clone(),
-            self.logins.clone(),
-        );
+        let (state, auth, replies) = (self.state.clone(), self.auth.clone(), self.replies.clone());
         self.spawn(calls, async move {
-            let frame = match state.services.authenticate(&data, peer).await {
-                Ok(auth) => {
-                    let expires_at = auth.principal.expires_at;
-                    state.hub.login(conn, auth.principal);
-                    let _ = logins.send(Login::In { expires_at });
-                    result_frame(&reference, auth.result)
-                }
+            let frame = match auth.login(&state, &data).await {
+                Ok(result) => result_frame(&reference, result),
                 Err(e) => error_frame(&reference, &e),
             };
             let _ = replies.send(frame).await;
@@ -399,20 +386,11 @@ impl Session<'_> {
     }
 
     /// `remove` on `authentication`: answers with the user and leaves every user channel.
-    fn logout(&self, calls: &mut JoinSet<()>, reference: Value) {
-        let frame = match self.state.hub.principal(self.conn) {
-            Some(principal) => {
-                self.state.hub.logout(self.conn);
-                let _ = self.logins.send(Login::Out);
-                result_frame(
-                    &reference,
-                    json!({ "authentication": { "strategy": "jwt" }, "user": principal.user }),
-                )
-            }
-            None => error_frame(
-                &reference,
-                &Error::new(ErrorKind::NotAuthenticated, "Not authenticated"),
-            ),
+    fn logout(&self, calls: &mut JoinSet<()>, reference: Value, request: &Map<String, Value>) {
+        let named = request.get("id").cloned().unwrap_or(Value::Null);
+        let frame = match self.auth.logout(self.state, &named) {
+            Ok(result) => result_frame(&reference, result),
+            Err(e) => error_frame(&reference, &e),
         };
         self.reply_later(calls, frame);
     }
