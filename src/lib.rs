@@ -27,6 +27,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod fuzzing;
 pub mod gateway;
 pub mod hub;
 pub mod metrics;

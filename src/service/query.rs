@@ -360,12 +360,13 @@ mod tests {
     use serde_json::json;
 
     fn table() -> Table {
-        Table::for_tests(
+        Table::described(
             "public",
             "people",
             "id",
             &[("id", "bigint"), ("name", "text"), ("age", "integer")],
         )
+        .expect("table")
     }
 
     #[test]

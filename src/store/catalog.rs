@@ -228,9 +228,10 @@ impl Table {
         })
     }
 
-    /// A table built in code, for unit tests of the query and SQL layers.
-    #[cfg(test)]
-    pub(crate) fn for_tests(schema: &str, name: &str, id: &str, columns: &[(&str, &str)]) -> Table {
+    /// A table described in code, without asking the catalog: for fuzzers and tests of the
+    /// query and SQL layers. Columns are (name, type as `format_type` prints it); `id`
+    /// must be one of them.
+    pub fn described(schema: &str, name: &str, id: &str, columns: &[(&str, &str)]) -> Option<Table> {
         let columns: Vec<Column> = columns
             .iter()
             .map(|(n, t)| Column {
@@ -239,24 +240,21 @@ impl Table {
                 read_only: false,
                 server_generated: false,
                 has_default: false,
-                key_kind: if t.contains("int") {
-                    KeyKind::Integer
-                } else {
-                    KeyKind::Other
+                key_kind: match *t {
+                    "smallint" | "integer" | "bigint" => KeyKind::Integer,
+                    "uuid" => KeyKind::Uuid,
+                    _ => KeyKind::Other,
                 },
             })
             .collect();
-        let id = columns
-            .iter()
-            .position(|c| c.name == id)
-            .expect("test table has its id");
-        Table {
+        let id = columns.iter().position(|c| c.name == id)?;
+        Some(Table {
             schema: schema.into(),
             name: name.into(),
             qualified: format!("{}.{}", quote_ident(schema), quote_ident(name)),
             columns,
             id,
             oid: 0,
-        }
+        })
     }
 }

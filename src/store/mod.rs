@@ -114,6 +114,13 @@ fn unwrap_rows(rows: Vec<Json<Value>>) -> Vec<Value> {
     rows.into_iter().map(|r| r.0).collect()
 }
 
+/// The SELECT a `find` runs: its text and how many values it binds. For fuzzers and
+/// tests: the builder must never panic, and values never go into the text.
+pub fn find_sql(table: &Table, query: &Query, limit: Option<i64>) -> (String, usize) {
+    let st = sql::select(table, query, None, limit);
+    (st.sql, st.binds.len())
+}
+
 /// Maps a database error to what the client may know: constraint and type errors are the
 /// client's (400, naming the column), lost connections are 503, the rest is logged and a 500.
 pub(crate) fn db_error(err: sqlx::Error) -> Error {

@@ -268,7 +268,7 @@ mod tests {
     use serde_json::json;
 
     fn table() -> Table {
-        Table::for_tests("public", "we\"ird", "id", &[("id", "bigint"), ("name", "text")])
+        Table::described("public", "we\"ird", "id", &[("id", "bigint"), ("name", "text")]).expect("table")
     }
 
     #[test]
@@ -290,12 +290,13 @@ mod tests {
     #[test]
     fn replace_tags_the_transaction_and_resets_missing_columns_but_the_kept_ones() {
         let row = json!({"name": "a"});
-        let wide = Table::for_tests(
+        let wide = Table::described(
             "public",
             "t",
             "id",
             &[("id", "bigint"), ("name", "text"), ("kept", "text"), ("other", "text")],
-        );
+        )
+        .expect("table");
         let st = update(
             &wide,
             Target {

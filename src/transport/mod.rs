@@ -5,7 +5,7 @@ mod client_addr;
 mod http;
 pub mod limits;
 mod pages;
-mod qs;
+pub mod qs;
 mod rest;
 mod session;
 mod socketio;
@@ -27,6 +27,7 @@ use crate::service::Services;
 pub use client_addr::{ClientAddr, TrustedProxies};
 pub use http::serve;
 use limits::ConnectionLimiter;
+pub use socketio::CallArgs;
 
 /// The largest request body or WebSocket frame accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;

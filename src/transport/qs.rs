@@ -16,7 +16,8 @@ enum Segment<'a> {
     Append,
 }
 
-pub(super) fn decode(query: &str) -> Result<Value> {
+/// Decodes a whole query string. Never panics, whatever the client sends.
+pub fn decode(query: &str) -> Result<Value> {
     let mut root = Map::new();
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         let segments = split_key(&key)?;

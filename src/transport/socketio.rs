@@ -182,43 +182,75 @@ async fn disconnect(socket: &SocketRef, closed: &CancellationToken) {
     }
 }
 
+/// A Feathers call as the socket.io client sends it: `(method, path, ...args)`.
+#[derive(Debug, PartialEq)]
+pub struct CallArgs {
+    pub method: Method,
+    pub path: String,
+    pub id: Option<Value>,
+    pub data: Option<Value>,
+    pub query: Value,
+}
+
+impl CallArgs {
+    /// Puts the arguments where Feathers' client puts them. Never panics, whatever the
+    /// client sends.
+    pub fn decode(event: &str, args: Result<Vec<Value>, String>) -> Result<CallArgs> {
+        let mut args = args.map_err(|e| Error::bad_request(format!("invalid arguments: {e}")))?;
+        let method =
+            Method::parse(event).ok_or_else(|| Error::method_not_allowed(format!("Method '{event}' not allowed")))?;
+        let path = match (!args.is_empty()).then(|| args.remove(0)) {
+            Some(Value::String(path)) => path.trim_matches('/').to_owned(),
+            _ => return Err(Error::not_found("Invalid service path")),
+        };
+        // Where params.query sits; anything past it is one argument too many.
+        let query_at = match method {
+            Method::Find => 0,
+            Method::Get | Method::Remove | Method::Create => 1,
+            Method::Update | Method::Patch => 2,
+        };
+        if args.len() > query_at + 1 {
+            return Err(Error::bad_request(format!("Too many arguments for '{event}' method")));
+        }
+        args.resize(query_at + 1, Value::Null);
+        let query = args.pop().unwrap_or(Value::Null);
+        let mut args = args.into_iter();
+        let mut next = || args.next().unwrap_or(Value::Null);
+        let (id, data) = match method {
+            Method::Find => (None, None),
+            Method::Get | Method::Remove => (Some(next()), None),
+            Method::Create => (None, Some(next())),
+            Method::Update | Method::Patch => (Some(next()), Some(next())),
+        };
+        Ok(CallArgs {
+            method,
+            path,
+            id,
+            data,
+            query,
+        })
+    }
+}
+
 /// Runs one Feathers call: `(path, ...args)` in the client's order.
 async fn dispatch(state: &AppState, conn: &Conn, event: &str, args: Result<Vec<Value>, String>) -> Result<Value> {
-    let mut args = args.map_err(|e| Error::bad_request(format!("invalid arguments: {e}")))?;
-    let method =
-        Method::parse(event).ok_or_else(|| Error::method_not_allowed(format!("Method '{event}' not allowed")))?;
-    let path = match (!args.is_empty()).then(|| args.remove(0)) {
-        Some(Value::String(path)) => path.trim_matches('/').to_owned(),
-        _ => return Err(Error::not_found("Invalid service path")),
-    };
-    // Where params.query sits; anything past it is one argument too many.
-    let query_at = match method {
-        Method::Find => 0,
-        Method::Get | Method::Remove | Method::Create => 1,
-        Method::Update | Method::Patch => 2,
-    };
-    if args.len() > query_at + 1 {
-        return Err(Error::bad_request(format!("Too many arguments for '{event}' method")));
-    }
-    args.resize(query_at + 1, Value::Null);
-    let query = args.pop().unwrap_or(Value::Null);
-    let mut args = args.into_iter();
-    let mut next = || args.next().unwrap_or(Value::Null);
+    let CallArgs {
+        method,
+        path,
+        id,
+        data,
+        query,
+    } = CallArgs::decode(event, args)?;
     if path == "authentication" {
         return match method {
-            Method::Create => conn.auth.login(state, &next()).await,
-            Method::Remove => conn.auth.logout(state, &next()),
+            // create('authentication', data) and remove('authentication', token)
+            Method::Create => conn.auth.login(state, data.as_ref().unwrap_or(&Value::Null)).await,
+            Method::Remove => conn.auth.logout(state, id.as_ref().unwrap_or(&Value::Null)),
             _ => Err(Error::method_not_allowed(format!(
                 "Method '{event}' not allowed on service 'authentication'"
             ))),
         };
     }
-    let (id, data) = match method {
-        Method::Find => (None, None),
-        Method::Get | Method::Remove => (Some(next()), None),
-        Method::Create => (None, Some(next())),
-        Method::Update | Method::Patch => (Some(next()), Some(next())),
-    };
     state
         .services
         .call(ServiceCall {

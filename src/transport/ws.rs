@@ -231,6 +231,51 @@ impl Drop for InFlight {
     }
 }
 
+/// One `/ws` request frame: `{ref, method, service, ...}`.
+#[derive(Debug)]
+pub struct Request {
+    pub reference: Value,
+    pub method: String,
+    pub service: String,
+    /// Everything else (`id`, `data`, `query`, `since`, …).
+    pub rest: Map<String, Value>,
+}
+
+impl Request {
+    /// Decodes a text frame; a bad one gets an error for the reply (with its `ref`, if it
+    /// had one). Never panics, whatever the client sends.
+    pub fn decode(text: &str) -> Result<Request, Box<(Value, Error)>> {
+        let mut request = match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(obj)) => obj,
+            Ok(_) => {
+                return Err(Box::new((
+                    Value::Null,
+                    Error::bad_request("a message must be a JSON object"),
+                )));
+            }
+            Err(e) => {
+                return Err(Box::new((
+                    Value::Null,
+                    Error::bad_request(format!("invalid JSON: {e}")),
+                )));
+            }
+        };
+        let reference = request.remove("ref").unwrap_or(Value::Null);
+        match (request.remove("method"), request.remove("service")) {
+            (Some(Value::String(method)), Some(Value::String(service))) => Ok(Request {
+                reference,
+                method,
+                service,
+                rest: request,
+            }),
+            _ => Err(Box::new((
+                reference,
+                Error::bad_request("'method' and 'service' must be strings"),
+            ))),
+        }
+    }
+}
+
 /// What a request handler needs of its session.
 struct Session<'a> {
     state: &'a AppState,
@@ -281,25 +326,14 @@ impl Session<'_> {
     }
 
     fn handle(&self, calls: &mut JoinSet<()>, text: &str) {
-        let mut request = match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(obj)) => obj,
-            Ok(_) => {
-                return self.reply_later(
-                    calls,
-                    error_frame(&Value::Null, &Error::bad_request("a message must be a JSON object")),
-                );
-            }
-            Err(e) => {
-                let e = Error::bad_request(format!("invalid JSON: {e}"));
-                return self.reply_later(calls, error_frame(&Value::Null, &e));
-            }
-        };
-        let reference = request.remove("ref").unwrap_or(Value::Null);
-        let (Some(Value::String(method)), Some(Value::String(service))) =
-            (request.remove("method"), request.remove("service"))
-        else {
-            let e = Error::bad_request("'method' and 'service' must be strings");
-            return self.reply_later(calls, error_frame(&reference, &e));
+        let Request {
+            reference,
+            method,
+            service,
+            rest: request,
+        } = match Request::decode(text) {
+            Ok(request) => request,
+            Err(refused) => return self.reply_later(calls, error_frame(&refused.0, &refused.1)),
         };
         let reply = match (method.as_str(), service.as_str()) {
             ("create", "authentication") => return self.login(calls, reference, request),
