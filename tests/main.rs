@@ -11,6 +11,7 @@ mod external_tokens;
 mod feathers;
 mod limits;
 mod model;
+mod openapi;
 mod properties;
 mod reader;
 mod recovery;

@@ -99,6 +99,11 @@ impl Authenticator {
         })
     }
 
+    /// The name of the users service.
+    pub fn users_service(&self) -> &str {
+        self.users.service()
+    }
+
     /// Whether `service` is the users service.
     pub fn is_users_service(&self, service: &str) -> bool {
         self.users.service() == service
@@ -111,6 +116,10 @@ impl Authenticator {
 
     pub fn password_field(&self) -> &str {
         &self.password_field
+    }
+
+    pub fn username_field(&self) -> &str {
+        &self.username_field
     }
 
     /// Counts a sign-up from `address`; false when it has used up its sign-ups.

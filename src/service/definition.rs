@@ -249,6 +249,59 @@ impl Service {
         error
     }
 
+    /// The columns a client can read: every column but the hidden ones, each with whether
+    /// every reader sees it (`visible_to` columns are stripped for some).
+    pub fn readable_columns(&self) -> Vec<(Column, bool)> {
+        let table = self.table();
+        table
+            .columns
+            .iter()
+            .filter(|c| !self.is_hidden(&c.name))
+            .map(|c| (c.clone(), self.policy.visibility.sees_everywhere(None, &c.name)))
+            .collect()
+    }
+
+    /// The columns a client may send on create (stamps are set by the server; `write_roles`
+    /// columns are listed, only some roles may send them).
+    pub fn writable_columns(&self) -> Vec<Column> {
+        let table = self.table();
+        table
+            .columns
+            .iter()
+            .filter(|c| self.client_may_not_write(c).is_none())
+            .filter(|c| !self.stamps.iter().any(|(s, _)| *s == c.name))
+            .cloned()
+            .collect()
+    }
+
+    /// The roles that may write `column`, if only some may.
+    pub fn write_roles_of(&self, column: &str) -> Option<&[String]> {
+        self.write_roles
+            .iter()
+            .find(|(c, _)| c == column)
+            .map(|(_, r)| r.as_slice())
+    }
+
+    /// `find`'s page sizes (default, max), or `None` when it answers plain arrays.
+    pub fn page_sizes(&self) -> Option<(u32, u32)> {
+        self.paginate
+    }
+
+    /// Whether `method` (`create`, `patch`, `remove`) may work on many rows at once.
+    pub fn allows_multi(&self, method: &str) -> bool {
+        self.multi.allows(method)
+    }
+
+    /// Whether anyone, logged in or not, may call `method`.
+    pub fn is_public(&self, method: Method) -> bool {
+        self.access(method).0.contains(&Rule::Public)
+    }
+
+    /// Whether nobody may call `method`.
+    pub fn is_disabled(&self, method: Method) -> bool {
+        self.access(method).0.iter().all(|r| *r == Rule::Nobody)
+    }
+
     /// Records whether the table, read anew, fits the configuration; true when that
     /// changed (or the reason did), so it is reported once, not at every check.
     pub(crate) fn set_misfit(&self, reason: Option<String>) -> bool {

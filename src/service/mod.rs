@@ -170,6 +170,13 @@ impl Services {
         self.by_name.get(name)
     }
 
+    /// Every service, by name.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Service>> {
+        let mut services: Vec<&Arc<Service>> = self.by_name.values().collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        services.into_iter()
+    }
+
     /// The authenticator, if authentication is configured.
     pub fn auth(&self) -> Option<&Authenticator> {
         self.auth.as_ref()

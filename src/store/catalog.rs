@@ -90,6 +90,8 @@ pub struct Column {
     pub server_generated: bool,
     /// It has a default (so an INSERT may leave it out).
     pub has_default: bool,
+    /// It may be NULL.
+    pub nullable: bool,
     pub key_kind: KeyKind,
 }
 
@@ -164,11 +166,11 @@ impl Table {
                 });
             }
         }
-        type Attribute = (String, String, String, String, String, bool, bool);
+        type Attribute = (String, String, String, String, String, bool, bool, bool);
         let rows: Vec<Attribute> = sqlx::query_as(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attidentity::text,
                     a.attgenerated::text, t.typname::text, a.atthasdef,
-                    COALESCE(pg_get_expr(d.adbin, d.adrelid) LIKE 'nextval(%', false)
+                    COALESCE(pg_get_expr(d.adbin, d.adrelid) LIKE 'nextval(%', false), NOT a.attnotnull
              FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
@@ -180,12 +182,13 @@ impl Table {
         let columns: Vec<Column> = rows
             .into_iter()
             .map(
-                |(name, sql_type, identity, generated, typname, has_default, serial)| Column {
+                |(name, sql_type, identity, generated, typname, has_default, serial, nullable)| Column {
                     name,
                     sql_type,
                     read_only: identity == "a" || generated == "s",
                     server_generated: !identity.is_empty() || generated == "s" || serial,
                     has_default: has_default || !identity.is_empty(),
+                    nullable,
                     key_kind: match typname.as_str() {
                         "int2" | "int4" | "int8" => KeyKind::Integer,
                         "uuid" => KeyKind::Uuid,
@@ -240,6 +243,7 @@ impl Table {
                 read_only: false,
                 server_generated: false,
                 has_default: false,
+                nullable: true,
                 key_kind: match *t {
                     "smallint" | "integer" | "bigint" => KeyKind::Integer,
                     "uuid" => KeyKind::Uuid,

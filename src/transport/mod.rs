@@ -4,6 +4,7 @@
 mod client_addr;
 mod http;
 pub mod limits;
+pub mod openapi;
 mod pages;
 pub mod qs;
 mod rest;
@@ -51,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::document))
         .route("/ws", get(ws::upgrade))
         .merge(pages::routes())
         .merge(rest::routes())
