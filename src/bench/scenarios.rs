@@ -369,7 +369,8 @@ pub(super) async fn connections(options: &BenchOptions, n: usize) -> Result<Row,
     Ok(row)
 }
 
-/// Single-row inserts with and without quill's capture trigger, 1 and 4 writers.
+/// Single-row inserts and updates with and without quill's capture trigger, 1 and 4
+/// writers (each updater keeps to its own row, so they never wait on each other's locks).
 pub(super) async fn capture(options: &BenchOptions) -> Result<Vec<Row>, BenchError> {
     let server = Server::start(options, &config(r#"["authenticated"]"#)).await?;
     for statement in [
@@ -388,45 +389,66 @@ pub(super) async fn capture(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
         .await
         .map_err(|e| BenchError::new("installing capture", e))?;
     let mut rows = Vec::new();
-    for writers in [1usize, 4] {
-        let sql = pool(&server, writers as u32).await?;
-        let rate = |table: &'static str| {
-            let sql = sql.clone();
-            let phase = options.phase();
-            async move {
-                let count = Arc::new(AtomicU64::new(0));
-                let start = Instant::now();
-                let mut set = JoinSet::new();
-                for _ in 0..writers {
-                    let (sql, count) = (sql.clone(), count.clone());
-                    let insert: &'static str = if table == "plain" {
-                        "INSERT INTO bench_plain (text) VALUES ('x')"
-                    } else {
-                        "INSERT INTO bench_captured (text) VALUES ('x')"
-                    };
-                    set.spawn(async move {
-                        while start.elapsed() < phase {
-                            if sqlx::query(insert).execute(&sql).await.is_ok() {
-                                count.fetch_add(1, Ordering::Relaxed);
+    let statements: [(&str, [&'static str; 2]); 2] = [
+        (
+            "capture",
+            [
+                "INSERT INTO bench_plain (text) VALUES ('x')",
+                "INSERT INTO bench_captured (text) VALUES ('x')",
+            ],
+        ),
+        (
+            "capture_update",
+            [
+                "UPDATE bench_plain SET text = md5(random()::text) WHERE id = $1",
+                "UPDATE bench_captured SET text = md5(random()::text) WHERE id = $1",
+            ],
+        ),
+    ];
+    for (name, [plain_sql, captured_sql]) in statements {
+        for writers in [1usize, 4] {
+            let sql = pool(&server, writers as u32).await?;
+            let rate = |statement: &'static str| {
+                let sql = sql.clone();
+                let phase = options.phase();
+                async move {
+                    let count = Arc::new(AtomicU64::new(0));
+                    let start = Instant::now();
+                    let mut set = JoinSet::new();
+                    for worker in 0..writers {
+                        let (sql, count) = (sql.clone(), count.clone());
+                        // Updates touch the worker's own row (the inserts made rows 1..).
+                        let row = worker as i64 + 1;
+                        set.spawn(async move {
+                            while start.elapsed() < phase {
+                                let query = sqlx::query(statement);
+                                let query = if statement.contains("$1") {
+                                    query.bind(row)
+                                } else {
+                                    query
+                                };
+                                if query.execute(&sql).await.is_ok() {
+                                    count.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
-                        }
-                    });
+                        });
+                    }
+                    while set.join_next().await.is_some() {}
+                    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
                 }
-                while set.join_next().await.is_some() {}
-                count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
-            }
-        };
-        let steal = Steal::start();
-        let plain = rate("plain").await;
-        let captured = rate("captured").await;
-        rows.push(
-            Row::new(format!("capture/{writers}_writers"))
-                .with("plain_per_s", round(plain, 0))
-                .with("captured_per_s", round(captured, 0))
-                .with("ratio", round(captured / plain.max(1.0), 3))
-                .steal(&steal)
-                .emit(),
-        );
+            };
+            let steal = Steal::start();
+            let plain = rate(plain_sql).await;
+            let captured = rate(captured_sql).await;
+            rows.push(
+                Row::new(format!("{name}/{writers}_writers"))
+                    .with("plain_per_s", round(plain, 0))
+                    .with("captured_per_s", round(captured, 0))
+                    .with("ratio", round(captured / plain.max(1.0), 3))
+                    .steal(&steal)
+                    .emit(),
+            );
+        }
     }
     server.stop().await;
     Ok(rows)
