@@ -69,6 +69,12 @@ pub struct Config {
     /// header names the client. Empty (the default): the socket's peer is the client.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// The one header the trusted proxies write the client's address into:
+    /// `"x-forwarded-for"` (the default; nginx, HAProxy, AWS load balancers) or
+    /// `"forwarded"` (RFC 7239). The other is ignored: proxies pass it through as the client
+    /// sent it.
+    #[serde(default)]
+    pub proxy_header: ProxyHeader,
     /// Authentication; without it only `public` rules can ever grant.
     #[serde(default)]
     pub authentication: Option<AuthConfig>,
@@ -223,6 +229,15 @@ pub struct ServiceConfig {
     /// the table.
     #[serde(default)]
     pub multi_all_rows: bool,
+}
+
+/// Which forwarding header trusted proxies write.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyHeader {
+    #[default]
+    XForwardedFor,
+    Forwarded,
 }
 
 /// A service's `access` setting.
@@ -517,6 +532,7 @@ impl Default for Config {
             schema_check_interval_ms: default_schema_check_interval_ms(),
             limits: Limits::default(),
             trusted_proxies: Vec::new(),
+            proxy_header: ProxyHeader::default(),
             authentication: None,
             demo_tables: false,
             services: BTreeMap::new(),

@@ -3,12 +3,11 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +20,7 @@ use crate::channel::{EventFilter, Publisher};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::pg_tls::DbTls;
 use crate::pipeline;
 use crate::service::watch::watch_schema;
 use crate::service::{ServiceExtensions, Services, SetupError};
@@ -50,9 +50,7 @@ pub enum GatewayError {
 
 /// Connects a pool and runs the migrations (the demo tables too when configured).
 pub async fn connect_and_migrate(database_url: &str, config: &Config) -> Result<PgPool, GatewayError> {
-    let options = PgConnectOptions::from_str(database_url)
-        .map_err(GatewayError::Connect)?
-        .application_name("quill");
+    let options = DbTls::from_url(database_url)?.pool_options()?.application_name("quill");
     let pool = PgPoolOptions::new()
         .max_connections(config.pool_size)
         .acquire_timeout(Duration::from_secs(5))
@@ -134,9 +132,9 @@ pub async fn run_with(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
-    let proxies = TrustedProxies::parse(&config.trusted_proxies).map_err(GatewayError::Config)?;
+    let proxies = TrustedProxies::parse(&config.trusted_proxies, config.proxy_header).map_err(GatewayError::Config)?;
     // The LISTEN connection's TLS settings, checked before anything starts.
-    crate::pg_tls::listener_config(&database_url)?;
+    DbTls::from_url(&database_url)?.listener()?;
     let pool = connect_and_migrate(&database_url, &config).await?;
     let services = Arc::new(Services::build(pool.clone(), &config, extensions.services).await?);
     let metrics = Arc::new(Metrics::default());

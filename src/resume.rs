@@ -15,7 +15,7 @@ use tokio::sync::mpsc::Sender;
 
 use crate::change::{self, ChangeError, Replay, ResumeError};
 use crate::event::Position;
-use crate::hub::{ConnId, Frame, HandOver, Hub, ReplayId, Replayed, Subscription};
+use crate::hub::{ConnId, Frame, HandOver, Hub, Released, ReplayId, Replayed, Subscription};
 use crate::pipeline::event_for;
 use crate::service::Service;
 
@@ -90,7 +90,7 @@ pub async fn replay(
                 // Live events after `last` are held meanwhile; this pass is bounded.
                 replay.extend_to(last);
                 if send_pages(hub, &mut replay, conn, service, id, frames).await? {
-                    hub.release(conn, &service.name, id);
+                    send_held(hub, conn, service, id, frames).await;
                 }
                 return Ok(());
             }
@@ -126,6 +126,24 @@ async fn send_pages(
         }
     }
     Ok(true)
+}
+
+/// Sends the live events held during the last pass, at the connection's pace, until none
+/// is left and the subscription is live.
+async fn send_held(hub: &Hub, conn: ConnId, service: &Service, id: ReplayId, frames: &Sender<Frame>) {
+    loop {
+        match hub.release(conn, &service.name, id) {
+            Released::More(held) => {
+                for frame in held {
+                    if frames.send(frame).await.is_err() {
+                        return;
+                    }
+                    hub.metrics().events_delivered.inc();
+                }
+            }
+            Released::Live | Released::Gone => return,
+        }
+    }
 }
 
 /// The pruner overtook the replay: what it had yet to send may be gone.

@@ -224,6 +224,11 @@ async fn the_password_appears_in_no_response_event_select_or_error() {
     raw.push(ws.next_event().await.to_string());
     raw.push(ws.next_event().await.to_string());
     for body in raw {
+        // A query naming the hidden column is told it has no such column, as for any
+        // unknown name (its own key echoed, never a value).
+        let body = body
+            .replace("'password': no such column", "")
+            .replace(r#""password":"no such column""#, "");
         assert!(
             !body.contains("password") && !body.contains("argon2") && !body.contains("plain"),
             "{body}"

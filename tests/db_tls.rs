@@ -97,9 +97,12 @@ fn make_certificates(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{ca}.pem"))
 }
 
-/// Whether both connection kinds get through with this URL.
+/// Whether both connection kinds get through with this URL, as quill opens them.
 async fn both_connect(url: &str) -> (bool, bool) {
-    let pool = sqlx::PgConnection::connect(url).await.is_ok();
+    let pool = match quill::pg_tls::DbTls::from_url(url).and_then(|t| t.pool_options()) {
+        Ok(options) => sqlx::PgConnection::connect_with(&options).await.is_ok(),
+        Err(_) => false,
+    };
     let listener = match quill::pg_tls::listener_config(url) {
         Ok((config, tls)) => match config.connect(tls).await {
             Ok((client, connection)) => {
@@ -156,6 +159,16 @@ async fn every_sslmode_holds_for_the_pool_and_the_listen_connection() {
         ),
         ("prefer", url("localhost", "sslmode=prefer"), true),
         ("require, no CA", url("localhost", "sslmode=require"), true),
+        (
+            "require with a CA checks the chain",
+            url("localhost", &format!("sslmode=require&sslrootcert={other_ca}")),
+            false,
+        ),
+        (
+            "require with the right CA",
+            url("127.0.0.1", &format!("sslmode=require&sslrootcert={ca}")),
+            true,
+        ),
         (
             "verify-full",
             url("localhost", &format!("sslmode=verify-full&sslrootcert={ca}")),

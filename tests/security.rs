@@ -135,6 +135,10 @@ async fn correct_logins_do_not_count_against_the_limit_and_failed_ones_do() {
             "login {attempt}"
         );
     }
+    // Attempts that cannot succeed (no password) cost nothing and count for nothing.
+    for _ in 0..20 {
+        assert_eq!(login_status(&q, "devices@x.io", "", None).await, 401);
+    }
     for _ in 0..10 {
         assert_eq!(login_status(&q, "devices@x.io", "wrong", None).await, 401);
     }
@@ -180,6 +184,108 @@ async fn without_trusted_proxies_forwarding_headers_are_ignored() {
         assert_eq!(login_status(&q, "a@x.io", "wrong", Some(&claimed)).await, 401);
     }
     assert_eq!(login_status(&q, "a@x.io", "wrong", Some("198.51.100.99")).await, 429);
+}
+
+#[tokio::test]
+async fn every_account_of_a_multi_create_counts_as_a_sign_up() {
+    let limits = RateLimit {
+        signups_per_address: 2,
+        ..RateLimit::default()
+    };
+    let mut config = with_rate_limit(Config::demo(), limits);
+    if let Some(users) = config.services.get_mut("users") {
+        users.multi = quill::config::Multi::All(true);
+    }
+    let q = Quill::start_with(config).await;
+    let accounts: Vec<_> = (0..3)
+        .map(|i| json!({"email": format!("bulk{i}@x.io"), "password": "pw-123456"}))
+        .collect();
+    let (status, body) = q.rest("POST", "/users", Some(json!(accounts))).await;
+    assert_eq!(status, 429, "{body}");
+}
+
+#[tokio::test]
+async fn a_subscription_query_stops_matching_once_its_user_may_no_longer_filter_on_it() {
+    let q = Quill::start_with(restricted_users()).await;
+    let (_, admin) = q.user("boss@x.io", true).await;
+    let mut ws = q.ws().await;
+    ws.login(&admin).await;
+    // `role` is visible to admins only: an admin may subscribe filtering on it.
+    ws.ok("subscribe", "users", json!({"query": {"role": "user"}})).await;
+    ws.subscribe("messages").await;
+    q.signup("while-admin@x.io", "pw-123456").await;
+    assert_eq!(ws.next_event().await["data"]["email"], "while-admin@x.io");
+    // Demoted by plain SQL: the role filter must not tell it anything from now on.
+    sqlx::query("UPDATE users SET role = 'user' WHERE email = 'boss@x.io'")
+        .execute(&q.sql().await)
+        .await
+        .expect("demote");
+    q.signup("after-demotion@x.io", "pw-123456").await;
+    // Sentinel: a message, which it still receives.
+    let token = q.login("after-demotion@x.io", "pw-123456").await;
+    q.rest_as(&token, "POST", "/messages", Some(json!({"text": "sentinel"})))
+        .await;
+    loop {
+        let event = ws.next_event().await;
+        assert_ne!(
+            event["service"], "users",
+            "a users event matched a role filter after demotion: {event}"
+        );
+        if event["data"]["text"] == "sentinel" {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_local_user_with_an_external_looking_id_is_nobody() {
+    let db = pg::TestDb::create().await;
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+    quill::gateway::migrate(&pool, true).await.expect("migrate");
+    sqlx::raw_sql("CREATE TABLE accounts (id text PRIMARY KEY, email text UNIQUE NOT NULL, password text)")
+        .execute(&pool)
+        .await
+        .expect("accounts");
+    pool.close().await;
+    let mut config: Config = toml::from_str(
+        r#"
+        [authentication]
+        service = "accounts"
+        [authentication.external]
+        algorithm = "HS256"
+        secret = "the identity provider's shared secret, 32 bytes+"
+        audience = "my-app"
+        issuer = "https://idp.example"
+        [services.accounts]
+        hidden = ["password"]
+        publish = ["authenticated"]
+        "#,
+    )
+    .expect("config");
+    if let Some(auth) = &mut config.authentication {
+        auth.rate_limit.signups_per_address = 100;
+    }
+    let q = Quill::start_on(db, config).await;
+    // Text ids without a default: clients choose them. One in the external id space…
+    let (status, body) = q
+        .rest(
+            "POST",
+            "/accounts",
+            Some(json!({"id": "ext:alice", "email": "a@x.io", "password": "pw-123456"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // …can never log in as that external user.
+    assert_eq!(login_status(&q, "a@x.io", "pw-123456", None).await, 401);
+    let (status, _) = q
+        .rest(
+            "POST",
+            "/accounts",
+            Some(json!({"id": "bob", "email": "b@x.io", "password": "pw-123456"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    assert_eq!(login_status(&q, "b@x.io", "pw-123456", None).await, 201);
 }
 
 #[tokio::test]
@@ -392,7 +498,7 @@ async fn a_unique_violation_never_names_a_hidden_column() {
         .await;
     assert_eq!(status, 400, "{body}");
     assert!(!body.to_string().contains("api_key"), "{body}");
-    // Nor can a client write it.
+    // Nor can a client write it, or query it: it answers as a column that does not exist.
     let (status, body) = q
         .rest(
             "POST",
@@ -401,6 +507,22 @@ async fn a_unique_violation_never_names_a_hidden_column() {
         )
         .await;
     assert_eq!(status, 400, "{body}");
+    assert_eq!(body["errors"]["api_key"], "no such column", "{body}");
+    let (_, unknown) = q
+        .rest(
+            "POST",
+            "/users",
+            Some(json!({"email": "third@x.io", "password": "pw-123456", "nothing": "x"})),
+        )
+        .await;
+    assert_eq!(unknown["errors"]["nothing"], "no such column");
+    let token = q.login("first@x.io", "pw-123456").await;
+    let (status, body) = q.rest_as(&token, "GET", "/users?password[$gt]=a", None).await;
+    assert_eq!(
+        (status, &body["errors"]["password"]),
+        (400, &json!("no such column")),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -155,6 +155,11 @@ impl ExternalTokens {
         })
     }
 
+    /// What every external user's id starts with.
+    pub(super) fn id_prefix(&self) -> &str {
+        &self.id_prefix
+    }
+
     /// Checks signature, expiry, not-before, audience and issuer; the id is prefixed.
     pub(super) fn verify(&self, token: &str) -> Result<ExternalUser, JwtError> {
         let claims = decode::<Map<String, Value>>(token, &self.key, &self.validation)?.claims;

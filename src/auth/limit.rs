@@ -45,7 +45,7 @@ impl LoginLimiter {
     pub(super) fn begin_login(&self, address: Option<IpAddr>, username: &str) -> bool {
         let mut keys = vec![(username_key(username), self.limits.per_username)];
         if let Some(address) = address {
-            keys.push((Key::LoginFrom(address), self.limits.per_address));
+            keys.push((Key::LoginFrom(network_of(address)), self.limits.per_address));
         }
         self.take(&keys)
     }
@@ -55,7 +55,10 @@ impl LoginLimiter {
         let Ok(mut windows) = self.windows.lock() else {
             return;
         };
-        let keys = [Some(username_key(username)), address.map(Key::LoginFrom)];
+        let keys = [
+            Some(username_key(username)),
+            address.map(|a| Key::LoginFrom(network_of(a))),
+        ];
         for key in keys.into_iter().flatten() {
             if let Some((_, count)) = windows.get_mut(&key) {
                 *count = count.saturating_sub(1);
@@ -65,7 +68,7 @@ impl LoginLimiter {
 
     /// Counts a sign-up; false when the address has used up its sign-ups.
     pub(super) fn signup(&self, address: IpAddr) -> bool {
-        self.take(&[(Key::SignupFrom(address), self.limits.signups_per_address)])
+        self.take(&[(Key::SignupFrom(network_of(address)), self.limits.signups_per_address)])
     }
 
     /// Counts one attempt on every key if each is under its limit.
@@ -98,6 +101,22 @@ impl LoginLimiter {
     #[cfg(test)]
     fn keys(&self) -> usize {
         self.windows.lock().map_or(0, |w| w.len())
+    }
+}
+
+/// An IPv6 client counts by its /64 (one end site gets a /64 or more, so single addresses
+/// cost an attacker nothing); IPv4 by its address.
+pub fn network_of(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut segments = v6.segments();
+                segments[4..].fill(0);
+                IpAddr::V6(segments.into())
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -158,6 +177,17 @@ mod tests {
             assert!(limiter.begin_login(Some(a), "me@y.z"));
             limiter.login_succeeded(Some(a), "me@y.z");
         }
+    }
+
+    #[test]
+    fn an_ipv6_client_counts_by_its_64() {
+        let limiter = LoginLimiter::new(limits(2, 100));
+        let a: IpAddr = "2001:db8:1:2::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
+        assert!(limiter.begin_login(Some(a), "x@y.z"));
+        assert!(limiter.begin_login(Some(b), "y@y.z"));
+        assert!(!limiter.begin_login(Some(a), "z@y.z"), "same /64");
+        assert!(limiter.begin_login(Some("2001:db8:1:3::1".parse().expect("ip")), "z@y.z"));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use jsonwebtoken::get_current_timestamp;
 use serde_json::{Value, json};
 
 pub use jwt::{Claims, JwtError, generate_secret};
+pub use limit::network_of;
 pub use principal::Principal;
 pub use users::Users;
 
@@ -163,14 +164,16 @@ impl Authenticator {
             .get(&self.password_field)
             .and_then(Value::as_str)
             .unwrap_or_default();
+        // Nothing to check, nothing to count: such an attempt can never succeed, costs no
+        // hash, and must not fill the limiter with keys for free.
+        if username.is_empty() || password.is_empty() {
+            return Err(invalid_login());
+        }
         if !self.limiter.begin_login(address, username) {
             return Err(Error::new(
                 ErrorKind::TooManyRequests,
                 "Too many failed login attempts, try again later",
             ));
-        }
-        if username.is_empty() || password.is_empty() {
-            return Err(invalid_login());
         }
         let row = self.users.find_by(&self.username_field, username).await?;
         let stored = row
@@ -281,6 +284,11 @@ impl Authenticator {
     /// The principal a users row makes (also used when a user's row changes).
     pub fn principal_from_row(&self, row: &Value, expires_at: Option<u64>) -> Option<Principal> {
         let id = self.users.id_of(row)?;
+        // External users' id space is theirs: a local row with such an id (a text id a
+        // client chose) is nobody, or it would own the external user's rows and channels.
+        if self.external.as_ref().is_some_and(|e| id.starts_with(e.id_prefix())) {
+            return None;
+        }
         let role = self
             .role_field
             .as_ref()

@@ -20,6 +20,7 @@ pub use visibility::Visibility;
 use crate::auth::Principal;
 use crate::event::{EventKind, ServiceEvent};
 use crate::hub::RenderedEvent;
+use crate::service::query::Query;
 
 /// Everyone connected.
 pub const ANONYMOUS: &str = "anonymous";
@@ -138,6 +139,13 @@ pub struct Prepared<'a> {
 }
 
 impl Prepared<'_> {
+    /// Whether `user` sees every column `query` filters or sorts on in every row.
+    pub fn may_filter_on(&self, user: Option<&Principal>, query: &Query) -> bool {
+        query
+            .filter_columns()
+            .all(|c| self.policy.visibility.sees_everywhere(user, c))
+    }
+
     /// The view this connection gets, or `None` if a filter withholds the event.
     pub fn view_for(&self, user: Option<&Principal>) -> Option<u64> {
         if self

@@ -72,6 +72,9 @@ pub struct Subscription {
     pub query: Option<Arc<Query>>,
     /// Set while a replay sends what the connection missed.
     pub(super) resuming: Option<Resuming>,
+    /// Who the query was checked for (id and role; `None`: anonymous). For anyone else the
+    /// hub checks again that it may filter on the query's columns.
+    querier: Option<(String, Option<String>)>,
 }
 
 impl Subscription {
@@ -80,6 +83,22 @@ impl Subscription {
             kinds,
             query,
             resuming: None,
+            querier: None,
+        }
+    }
+
+    /// Records who the query was checked for (see [`Subscription::checked_for`]).
+    pub fn for_caller(mut self, caller: Option<&Principal>) -> Self {
+        self.querier = caller.map(|c| (c.id.clone(), c.role.clone()));
+        self
+    }
+
+    /// Whether the query was checked for this caller (same id and role).
+    pub(super) fn checked_for(&self, caller: Option<&Principal>) -> bool {
+        match (&self.querier, caller) {
+            (None, None) => true,
+            (Some((id, role)), Some(c)) => *id == c.id && *role == c.role,
+            _ => false,
         }
     }
 

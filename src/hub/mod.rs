@@ -337,20 +337,31 @@ impl Hub {
         unindex(&mut state.by_service, service, conn);
     }
 
-    /// Ends a replay's last pass: queues the live events held back meanwhile, in order,
-    /// ahead of any later one. False when the replay was superseded or the connection left.
-    pub fn release(&self, conn: ConnId, service: &str, replay: ReplayId) -> bool {
+    /// Takes the live events held back during a replay's last pass, in order, for the
+    /// replay to send at the connection's pace; events keep being held meanwhile. Once
+    /// nothing is held the subscription is live (`Released::Live`) and later events are
+    /// queued as usual, behind everything taken before. `Released::Gone` when the replay
+    /// was superseded or the connection left.
+    pub fn release(&self, conn: ConnId, service: &str, replay: ReplayId) -> Released {
         let state = self.write();
-        let (Some(member), Some(resuming)) = (state.members.get(&conn), resuming(&state, conn, service, replay)) else {
-            return false;
+        let Some(resuming) = resuming(&state, conn, service, replay) else {
+            return Released::Gone;
         };
-        let held = resuming.held.lock().ok().and_then(|mut h| h.take()).unwrap_or_default();
-        for frame in held {
-            if self.offer(conn, member, frame) {
-                self.metrics.events_delivered.inc();
+        let Ok(mut held) = resuming.held.lock() else {
+            return Released::Gone;
+        };
+        match held.as_mut() {
+            Some(frames) if !frames.is_empty() => Released::More(std::mem::take(frames)),
+            _ => {
+                *held = None;
+                Released::Live
             }
         }
-        true
+    }
+
+    /// The metrics the hub counts in.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The newest tick whose events have started to be published.
@@ -474,7 +485,7 @@ impl Hub {
     fn offer_to(&self, conn: ConnId, member: &Member, sub: &Subscription, prepared: &mut Prepared<'_>) {
         let event = prepared.event;
         let view = match prepared.view_for(member.principal.as_deref()) {
-            Some(view) if sub.wants(event.kind, &event.data) => view,
+            Some(view) if sub.wants(event.kind, &event.data) && may_filter(member, sub, prepared) => view,
             _ => {
                 self.metrics.events_filtered.inc();
                 return;
@@ -489,10 +500,12 @@ impl Hub {
                 Held::Kept => return,
                 Held::NotHolding(live) => live,
                 Held::Overflow => {
-                    self.metrics.slow_consumer_disconnects.inc();
-                    member
-                        .kick
-                        .fire(Cutoff::SlowConsumer, "slow consumer: resume fell behind live delivery");
+                    if !member.kick.token.is_cancelled() {
+                        self.metrics.slow_consumer_disconnects.inc();
+                        member
+                            .kick
+                            .fire(Cutoff::SlowConsumer, "slow consumer: resume fell behind live delivery");
+                    }
                     return;
                 }
             };
@@ -538,7 +551,10 @@ impl Hub {
         else {
             return Replayed::Stop;
         };
-        if !reached(member, prepared) || !sub.wants(prepared.event.kind, &prepared.event.data) {
+        if !reached(member, prepared)
+            || !sub.wants(prepared.event.kind, &prepared.event.data)
+            || !may_filter(member, sub, prepared)
+        {
             return Replayed::Skip;
         }
         match prepared.view_for(member.principal.as_deref()) {
@@ -626,6 +642,16 @@ pub enum HandOver {
     Superseded,
 }
 
+/// What [`Hub::release`] hands back.
+pub enum Released {
+    /// Held events to send, in order; call again afterwards.
+    More(Vec<Frame>),
+    /// Nothing was held: live from now on.
+    Live,
+    /// The replay's subscription is gone.
+    Gone,
+}
+
 /// What a replayed event makes for its connection.
 pub enum Replayed {
     Sent,
@@ -633,6 +659,17 @@ pub enum Replayed {
     Skip,
     /// The replay's subscription is gone: stop.
     Stop,
+}
+
+/// Whether the connection's user may still filter on the subscription's query: it was
+/// checked at subscribe time, and the user may have logged in or out or changed role since
+/// (a filter on a column it cannot see would tell it that column's values).
+fn may_filter(member: &Member, sub: &Subscription, prepared: &Prepared<'_>) -> bool {
+    let user = member.principal.as_deref();
+    match &sub.query {
+        Some(query) if !sub.checked_for(user) => prepared.may_filter_on(user, query),
+        _ => true,
+    }
 }
 
 /// The resume state of a replay's subscription, if it is still that replay's.

@@ -212,10 +212,12 @@ impl Service {
         if !self.client_ids && (column.name == table.id().name || column.server_generated) {
             return Some("set by the server");
         }
-        if self.is_hidden(&column.name) && self.password_field.as_deref() != Some(column.name.as_str()) {
-            return Some("set by the server");
-        }
         None
+    }
+
+    /// A hidden column other than the password: clients neither write it nor learn its name.
+    pub(super) fn is_hidden_from_writers(&self, column: &str) -> bool {
+        self.is_hidden(column) && self.password_field.as_deref() != Some(column)
     }
 
     /// The columns a `PUT` keeps as they are when it does not name them: what clients
@@ -241,7 +243,9 @@ impl Service {
     /// An error as the caller may see it: a constraint error never names a hidden column.
     pub(super) fn conceal(&self, mut error: Error) -> Error {
         if let Some(errors) = &mut error.errors {
-            errors.retain(|field, _| !self.is_hidden(field));
+            // A column the client itself named and was told does not exist stays: hidden
+            // ones answer exactly as unknown ones.
+            errors.retain(|field, why| !self.is_hidden(field) || why == "no such column");
             if errors.is_empty() {
                 error.errors = None;
             }
@@ -268,7 +272,7 @@ impl Service {
         table
             .columns
             .iter()
-            .filter(|c| self.client_may_not_write(c).is_none())
+            .filter(|c| self.client_may_not_write(c).is_none() && !self.is_hidden_from_writers(&c.name))
             .filter(|c| !self.stamps.iter().any(|(s, _)| *s == c.name))
             .cloned()
             .collect()
@@ -343,11 +347,17 @@ impl Service {
     /// error does not name the field.
     pub fn check_queryable(&self, query: &Query, caller: Option<&Principal>) -> Result<(), Error> {
         let visibility = &self.policy.visibility;
-        if query
-            .filter_columns()
-            .any(|c| self.is_hidden(c) || !visibility.sees_everywhere(caller, c))
-        {
-            return Err(Error::bad_request("a field you cannot see cannot be queried"));
+        for column in query.filter_columns() {
+            // A hidden column answers as one that does not exist.
+            if self.is_hidden(column) {
+                return Err(
+                    Error::bad_request(format!("Invalid query parameter '{column}': no such column"))
+                        .with_field(column, "no such column"),
+                );
+            }
+            if !visibility.sees_everywhere(caller, column) {
+                return Err(Error::bad_request("a field you cannot see cannot be queried"));
+            }
         }
         Ok(())
     }

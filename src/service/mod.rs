@@ -293,12 +293,12 @@ impl Services {
     }
 
     /// A create on the users service by somebody not logged in is a sign-up: limited per
-    /// client address.
-    fn check_signup(&self, service: &Service, address: Option<IpAddr>) -> Result<()> {
+    /// client address; each account of a multi create counts.
+    fn check_signup(&self, service: &Service, address: Option<IpAddr>, accounts: usize) -> Result<()> {
         let (Some(auth), Some(address)) = (&self.auth, address) else {
             return Ok(());
         };
-        if auth.is_users_service(&service.name) && !auth.signup_allowed(address) {
+        if auth.is_users_service(&service.name) && !(0..accounts).all(|_| auth.signup_allowed(address)) {
             return Err(Error::new(
                 ErrorKind::TooManyRequests,
                 "Too many sign-ups, try again later",
@@ -315,7 +315,11 @@ impl Services {
         let caller = call.caller.as_deref();
         let grant = service.access(call.method).check(caller)?;
         if call.method == Method::Create && caller.is_none() {
-            self.check_signup(service, call.address)?;
+            let accounts = match &call.data {
+                Some(Value::Array(items)) => items.len().max(1),
+                _ => 1,
+            };
+            self.check_signup(service, call.address, accounts)?;
         }
         let table = &service.table();
         let mut query = Query::parse(&call.query, table)?;
@@ -677,11 +681,13 @@ async fn prepare_write(
 fn check_columns(service: &Service, row: &Map<String, Value>) -> Result<()> {
     let table = service.table();
     for key in row.keys() {
-        let Some(column) = table.column(key) else {
-            return Err(
-                Error::bad_request(format!("'{key}' is not a column of '{}'", service.name))
-                    .with_field(key, "no such column"),
-            );
+        let no_such_column = || {
+            Error::bad_request(format!("'{key}' is not a column of '{}'", service.name))
+                .with_field(key, "no such column")
+        };
+        // A hidden column answers as one that does not exist: its name is not for clients.
+        let Some(column) = table.column(key).filter(|c| !service.is_hidden_from_writers(&c.name)) else {
+            return Err(no_such_column());
         };
         if let Some(why) = service.client_may_not_write(column) {
             return Err(Error::bad_request(format!("'{key}' cannot be written: {why}")).with_field(key, why));

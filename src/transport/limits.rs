@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::auth::network_of;
 use crate::config::Limits;
 use crate::error::{Error, ErrorKind};
 
@@ -56,7 +57,9 @@ impl ConnectionLimiter {
     }
 
     /// Admits a connection from `address` (unknown for in-process sessions) or says why not.
+    /// IPv6 clients count by their /64.
     pub fn admit(self: &Arc<Self>, address: Option<IpAddr>) -> Result<ConnectionPermit, Refused> {
+        let address = address.map(network_of);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if counts.total >= self.max_total {
             return Err(Refused::Full);

@@ -515,7 +515,7 @@ fn parse_subscription(
             Some(Arc::new(query))
         }
     };
-    Ok(Subscription::new(kinds, query))
+    Ok(Subscription::new(kinds, query).for_caller(caller))
 }
 
 /// Resumes a subscription registered as replaying: finds the position, replies, then
