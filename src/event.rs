@@ -47,6 +47,9 @@ pub struct ServiceEvent {
     pub kind: EventKind,
     /// The new row, or for `removed` the removed row.
     pub data: Value,
+    /// For `updated` and `patched`: the row as it was, stripped like `data` (absent when
+    /// the log has no old row). Decides which subscribers see the row leave their scope.
+    pub old: Option<Value>,
     /// Where the event stands in the delivery order.
     pub position: Position,
 }

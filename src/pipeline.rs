@@ -117,10 +117,15 @@ fn apply_user_change(auth: &Authenticator, change: &Change, hub: &Hub) {
 pub fn event_for(change: &Change, service: &Service) -> ServiceEvent {
     let mut data = change.row.clone();
     service.strip(&mut data);
+    let old = change.old.clone().map(|mut old| {
+        service.strip(&mut old);
+        old
+    });
     ServiceEvent {
         service: service.name.clone(),
         kind: change.kind,
         data,
+        old,
         position: Position {
             tick: change.tick,
             seq: change.seq,

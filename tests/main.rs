@@ -20,6 +20,7 @@ mod rest_query;
 mod resume;
 mod retention;
 mod schema;
+mod scope;
 mod security;
 mod slow_consumers;
 mod startup;

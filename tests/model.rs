@@ -46,19 +46,41 @@ struct Ev {
     id: i64,
     text: String,
     user_id: i64,
+    /// For a committed update: the row's user before it (the oracle's scope moves).
+    /// Never set on what a client received.
+    old_user_id: Option<i64>,
 }
 
 /// What one statement changed: its events follow commit order, in any order among
 /// themselves only when the statement touched several rows.
 type Group = Vec<Ev>;
 
-/// The clients: (subscribe request, filter the oracle applies).
-fn client_filter(client: usize, ev: &Ev) -> bool {
-    match client {
-        1 => ev.user_id == 1,
-        2 => ev.user_id == 2 || ev.user_id == 3,
-        3 => ev.kind != "patched",
+/// What client `client` receives of a committed change, if anything: its query's scope,
+/// with an update that moves a row out of it announced as `removed` with the id only.
+fn project(client: usize, ev: &Ev) -> Option<Ev> {
+    let in_scope = |user: i64| match client {
+        1 => user == 1,
+        2 => user == 2 || user == 3,
         _ => true,
+    };
+    let received = || Ev {
+        old_user_id: None,
+        ..ev.clone()
+    };
+    match (client, ev.kind.as_str(), ev.old_user_id) {
+        (3, "patched", _) => None,
+        (1 | 2, "patched", Some(old)) => match (in_scope(old), in_scope(ev.user_id)) {
+            (_, true) => Some(received()),
+            (true, false) => Some(Ev {
+                kind: "removed".into(),
+                id: ev.id,
+                text: String::new(),
+                user_id: 0,
+                old_user_id: None,
+            }),
+            (false, false) => None,
+        },
+        _ => in_scope(ev.user_id).then(received),
     }
 }
 
@@ -158,6 +180,7 @@ fn record(seen: &Mutex<Vec<(i64, Ev)>>, frame: &Value) {
         id: data["id"].as_i64().unwrap_or(-1),
         text: data["text"].as_str().unwrap_or("").to_owned(),
         user_id: data["user_id"].as_i64().unwrap_or(0),
+        old_user_id: None,
     };
     seen.lock().expect("seen").push((seq, ev));
 }
@@ -179,6 +202,7 @@ fn evs(kind: &str, rows: &[sqlx::postgres::PgRow]) -> Group {
             id: r.get("id"),
             text: r.get("text"),
             user_id: r.get::<Option<i64>, _>("user_id").unwrap_or(0),
+            old_user_id: r.try_get::<Option<i64>, _>("old_user_id").ok().flatten(),
         })
         .collect()
 }
@@ -204,12 +228,14 @@ async fn statement(rng: &mut Rng, slot: usize, s: &mut Slot) {
         2 | 3 => (
             "patched",
             // One row of the slot's part, sometimes moved to another user.
-            "UPDATE messages SET text = $1, user_id = $2 WHERE id = (SELECT id FROM messages WHERE id % 3 = $3 ORDER BY random() LIMIT 1) RETURNING id, text, user_id",
+            "WITH target AS (SELECT id, user_id AS old_user_id FROM messages WHERE id % 3 = $3 ORDER BY random() LIMIT 1 FOR UPDATE)
+             UPDATE messages m SET text = $1, user_id = $2 FROM target WHERE m.id = target.id
+             RETURNING m.id, m.text, m.user_id, target.old_user_id",
             0,
         ),
         4 => (
             "patched",
-            "UPDATE messages SET text = $1 WHERE id % 3 = $3 AND id % 2 = $4 AND $2::bigint > 0 RETURNING id, text, user_id",
+            "UPDATE messages SET text = $1 WHERE id % 3 = $3 AND id % 2 = $4 AND $2::bigint > 0 RETURNING id, text, user_id, user_id AS old_user_id",
             rng.below(2) as i64,
         ),
         _ => (
@@ -228,12 +254,14 @@ async fn statement(rng: &mut Rng, slot: usize, s: &mut Slot) {
     if kind == "patched" && group.len() == 1 && rng.chance(30) {
         s.statements += 1;
         let again = format!("t{tx}s{}", s.statements);
-        let rows = sqlx::query("UPDATE messages SET text = $1 WHERE id = $2 RETURNING id, text, user_id")
-            .bind(&again)
-            .bind(group[0].id)
-            .fetch_all(&mut s.conn)
-            .await
-            .expect("second update");
+        let rows = sqlx::query(
+            "UPDATE messages SET text = $1 WHERE id = $2 RETURNING id, text, user_id, user_id AS old_user_id",
+        )
+        .bind(&again)
+        .bind(group[0].id)
+        .fetch_all(&mut s.conn)
+        .await
+        .expect("second update");
         groups.push(group);
         groups.push(evs("patched", &rows));
         return;
@@ -383,7 +411,7 @@ async fn run_model(seed: u64) {
     for (i, c) in clients.iter().enumerate() {
         let expected: Vec<Group> = committed
             .iter()
-            .map(|g| g.iter().filter(|e| client_filter(i, e)).cloned().collect::<Group>())
+            .map(|g| g.iter().filter_map(|e| project(i, e)).collect::<Group>())
             .filter(|g| !g.is_empty())
             .collect();
         let total: usize = expected.iter().map(Vec::len).sum();

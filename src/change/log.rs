@@ -108,10 +108,11 @@ impl TickCursor {
         let mut newest = None;
         for row in rows {
             newest = Some(row.tick);
+            let old = row.old_data.map(|o| o.0);
             match (row.seq, row.table_schema, row.table_name, row.kind, row.row_data) {
                 _ if row.read_later => later.push((row.prev, row.tick)),
                 (Some(seq), Some(schema), Some(table), Some(kind), Some(data)) => {
-                    changes.push(change(seq, row.tick, schema, table, kind, data.0)?);
+                    changes.push(change(seq, row.tick, schema, table, kind, data.0, old)?);
                 }
                 _ => {} // a tick without changes
             }
@@ -128,15 +129,18 @@ impl TickCursor {
 
 /// Loads the changes with these seqs, in seq order.
 async fn fetch(pool: &PgPool, tick: i64, seqs: &[i64]) -> Result<Vec<Change>, ChangeError> {
-    let rows: Vec<(i64, String, String, String, Json<Value>)> = sqlx::query_as(
-        "SELECT seq, table_schema, table_name, kind, row_data FROM quill.change_log
+    type Logged = (i64, String, String, String, Json<Value>, Option<Json<Value>>);
+    let rows: Vec<Logged> = sqlx::query_as(
+        "SELECT seq, table_schema, table_name, kind, row_data, old_data FROM quill.change_log
          WHERE seq = ANY($1) ORDER BY seq",
     )
     .bind(seqs)
     .fetch_all(pool)
     .await?;
     rows.into_iter()
-        .map(|(seq, table_schema, table_name, kind, row)| change(seq, tick, table_schema, table_name, kind, row.0))
+        .map(|(seq, table_schema, table_name, kind, row, old)| {
+            change(seq, tick, table_schema, table_name, kind, row.0, old.map(|o| o.0))
+        })
         .collect()
 }
 
@@ -147,6 +151,7 @@ fn change(
     table_name: String,
     kind: String,
     row: Value,
+    old: Option<Value>,
 ) -> Result<Change, ChangeError> {
     Ok(Change {
         seq,
@@ -155,6 +160,7 @@ fn change(
         table_name,
         kind: EventKind::parse(&kind).ok_or(ChangeError::UnknownKind(kind))?,
         row,
+        old,
     })
 }
 
@@ -169,6 +175,7 @@ struct Polled {
     table_name: Option<String>,
     kind: Option<String>,
     row_data: Option<Json<Value>>,
+    old_data: Option<Json<Value>>,
 }
 
 /// How often a reader records its position in `quill.reader` (the pruner's floor). A
@@ -347,7 +354,7 @@ impl LogReader {
     /// Returns the changes read and whether there were new ticks.
     async fn poll(&mut self) -> Result<(Vec<Change>, bool), ChangeError> {
         let query = sqlx::query_as::<_, Polled>(
-            "SELECT prev, tick, read_later, seq, table_schema, table_name, kind, row_data FROM quill.poll($1, $2)",
+            "SELECT prev, tick, read_later, seq, table_schema, table_name, kind, row_data, old_data FROM quill.poll($1, $2)",
         )
         .bind(self.cursor.last_tick)
         .bind(PAGE as i32);
@@ -483,7 +490,7 @@ impl Replay {
                 None if self.cursor.last_tick >= self.until => return Ok(None),
                 None => {
                     let rows = sqlx::query_as::<_, Polled>(
-                        "SELECT prev, tick, read_later, seq, table_schema, table_name, kind, row_data
+                        "SELECT prev, tick, read_later, seq, table_schema, table_name, kind, row_data, old_data
                          FROM quill.read_ticks($1, $2, $3)",
                     )
                     .bind(self.cursor.last_tick)

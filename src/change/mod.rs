@@ -29,6 +29,9 @@ pub struct Change {
     pub table_name: String,
     pub kind: EventKind,
     pub row: Value,
+    /// For an update: the row as it was before (absent for changes logged before quill
+    /// recorded old rows).
+    pub old: Option<Value>,
 }
 
 /// Why the change log could not be read. Always transient from the reader's point of view:

@@ -108,13 +108,25 @@ pub struct Policy {
     pub publisher: Arc<dyn Publisher>,
     pub filters: Vec<Arc<dyn EventFilter>>,
     pub visibility: Visibility,
+    /// The service's id column: a row that leaves a subscriber's scope is announced by id.
+    pub id_column: Arc<str>,
 }
 
 impl Policy {
     /// Computes the channels once; the result is shared by every receiver.
     pub fn prepare<'a>(&'a self, event: &'a ServiceEvent) -> Prepared<'a> {
+        // Where the row was: an update with its old row may leave some channels.
+        let old_channels = event.old.as_ref().map(|old| {
+            let before = ServiceEvent {
+                data: old.clone(),
+                old: None,
+                ..event.clone()
+            };
+            guarded("publisher", Vec::new(), || self.publisher.channels(&before))
+        });
         Prepared {
             channels: guarded("publisher", Vec::new(), || self.publisher.channels(event)),
+            old_channels,
             reach: if event.kind == EventKind::Truncated {
                 guarded("publisher", Vec::new(), || self.publisher.reach())
             } else {
@@ -123,6 +135,8 @@ impl Policy {
             policy: self,
             event,
             frames: Vec::new(),
+            moved_in: Vec::new(),
+            moved_out: None,
         }
     }
 }
@@ -130,12 +144,18 @@ impl Policy {
 /// An event on its way out: its channels and its rendered views.
 pub struct Prepared<'a> {
     pub channels: Vec<String>,
+    /// For an update with its old row: the channels the row was in before.
+    pub old_channels: Option<Vec<String>>,
     /// For an event without a row: the channels any row could reach.
     pub reach: Vec<ChannelPattern>,
     pub event: &'a ServiceEvent,
     policy: &'a Policy,
     /// One rendering per distinct view, built on first use.
     frames: Vec<(u64, Arc<RenderedEvent>)>,
+    /// The same, marked `"moved": "in"` (the row entered the subscriber's scope).
+    moved_in: Vec<(u64, Arc<RenderedEvent>)>,
+    /// The `removed` frame, id only, for subscribers whose scope the row left.
+    moved_out: Option<Arc<RenderedEvent>>,
 }
 
 impl Prepared<'_> {
@@ -162,23 +182,65 @@ impl Prepared<'_> {
 
     /// The event rendered for a view: serialized once per distinct view, shared by all.
     pub fn frame(&mut self, view: u64) -> Arc<RenderedEvent> {
-        if let Some((_, frame)) = self.frames.iter().find(|(v, _)| *v == view) {
+        self.rendered(view, None)
+    }
+
+    /// The event for a subscriber whose scope the row just entered: the full row (for its
+    /// view), marked `"moved": "in"`.
+    pub fn moved_in_frame(&mut self, view: u64) -> Arc<RenderedEvent> {
+        self.rendered(view, Some("in"))
+    }
+
+    /// For a subscriber whose scope the row just left: `removed` with the id only, marked
+    /// `"moved": "out"`. Never the new values.
+    pub fn moved_out_frame(&mut self) -> Arc<RenderedEvent> {
+        if let Some(frame) = &self.moved_out {
+            return frame.clone();
+        }
+        let id_column = &*self.policy.id_column;
+        let id = self
+            .event
+            .old
+            .as_ref()
+            .and_then(|old| old.get(id_column))
+            .or_else(|| self.event.data.get(id_column))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let removed = ServiceEvent {
+            kind: EventKind::Removed,
+            data: serde_json::json!({ id_column: id }),
+            old: None,
+            ..self.event.clone()
+        };
+        let frame = render(&removed, &removed.data, Some("out"));
+        self.moved_out = Some(frame.clone());
+        frame
+    }
+
+    fn rendered(&mut self, view: u64, moved: Option<&str>) -> Arc<RenderedEvent> {
+        let cache = if moved.is_some() { &self.moved_in } else { &self.frames };
+        if let Some((_, frame)) = cache.iter().find(|(v, _)| *v == view) {
             return frame.clone();
         }
         let frame = if self.policy.visibility.is_full(view) {
-            render(self.event, &self.event.data)
+            render(self.event, &self.event.data, moved)
         } else {
             let mut data = self.event.data.clone();
             self.policy.visibility.apply(&mut data, view);
-            render(self.event, &data)
+            render(self.event, &data, moved)
         };
-        self.frames.push((view, frame.clone()));
+        let cache = if moved.is_some() {
+            &mut self.moved_in
+        } else {
+            &mut self.frames
+        };
+        cache.push((view, frame.clone()));
         frame
     }
 }
 
 /// Serializes the data once and builds the `/ws` frame around those bytes.
-fn render(event: &ServiceEvent, data: &Value) -> Arc<RenderedEvent> {
+fn render(event: &ServiceEvent, data: &Value, moved: Option<&str>) -> Arc<RenderedEvent> {
     // Serializing a Value into a Vec cannot fail.
     let data = serde_json::to_vec(data).unwrap_or_default();
     let mut ws = Vec::with_capacity(data.len() + event.service.len() + 64);
@@ -193,6 +255,11 @@ fn render(event: &ServiceEvent, data: &Value) -> Arc<RenderedEvent> {
     }
     ws.extend_from_slice(b",\"seq\":");
     ws.extend_from_slice(event.position.seq.to_string().as_bytes());
+    if let Some(moved) = moved {
+        ws.extend_from_slice(b",\"moved\":\"");
+        ws.extend_from_slice(moved.as_bytes());
+        ws.push(b'"');
+    }
     ws.push(b'}');
     Arc::new(RenderedEvent {
         service: event.service.clone(),
@@ -215,6 +282,7 @@ mod tests {
             service: Arc::from("messages"),
             kind: EventKind::Created,
             data: json!({"id": 1}),
+            old: None,
             position: Position { tick: 1, seq: 1 },
         };
         let panicking_filter = |_: &ServiceEvent, _: Option<&Principal>| -> bool { panic!("bug in user code") };
@@ -222,6 +290,7 @@ mod tests {
             publisher: Arc::new(|_: &ServiceEvent| -> Vec<String> { panic!("bug in user code") }),
             filters: vec![Arc::new(panicking_filter)],
             visibility: Visibility::default(),
+            id_column: Arc::from("id"),
         };
         let prepared = policy.prepare(&event);
         assert!(prepared.channels.is_empty());
@@ -234,9 +303,10 @@ mod tests {
             service: Arc::from("messages"),
             kind: EventKind::Patched,
             data: json!({"id": 1, "text": "a \"quote\""}),
+            old: None,
             position: Position { tick: 3, seq: 42 },
         };
-        let frame = render(&event, &event.data);
+        let frame = render(&event, &event.data, None);
         let parsed: Value = serde_json::from_slice(&frame.ws).expect("valid JSON");
         assert_eq!(
             parsed,

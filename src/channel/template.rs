@@ -112,6 +112,7 @@ mod tests {
             service: Arc::from("messages"),
             kind: EventKind::Created,
             data: json!({"user_id": 7, "room": null}),
+            old: None,
             position: Position { tick: 1, seq: 1 },
         };
         assert_eq!(p.channels(&event), ["users/7", "roles/admin"]);

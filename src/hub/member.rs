@@ -103,9 +103,13 @@ impl Subscription {
     }
 
     pub fn wants(&self, kind: EventKind, row: &serde_json::Value) -> bool {
+        self.kinds.contains(kind) && self.matches(kind, row)
+    }
+
+    /// Whether the row is in the query's scope (any row, without a query).
+    pub fn matches(&self, kind: EventKind, row: &serde_json::Value) -> bool {
         // A truncate empties every query's rows: it has no row to match.
-        self.kinds.contains(kind)
-            && (kind == EventKind::Truncated || self.query.as_ref().is_none_or(|q| q.matches(row)))
+        kind == EventKind::Truncated || self.query.as_ref().is_none_or(|q| q.matches(row))
     }
 }
 

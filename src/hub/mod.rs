@@ -112,6 +112,46 @@ fn reached(member: &Member, prepared: &Prepared<'_>) -> bool {
     }
 }
 
+/// Whether the row, before an update, was in one of the connection's channels.
+fn was_reached(member: &Member, prepared: &Prepared<'_>) -> bool {
+    prepared
+        .old_channels
+        .iter()
+        .flatten()
+        .any(|c| member.channels.contains(c.as_str()))
+}
+
+/// Where an event leaves a subscriber's view of the service.
+enum Scope {
+    /// The row is in scope: the event as it is.
+    In,
+    /// An update brought the row into scope.
+    MovedIn,
+    /// An update took the row out of scope: its id, as `removed`.
+    MovedOut,
+    Out,
+}
+
+/// In scope means: in one of the connection's channels and matching the subscription's
+/// kinds and query. For an update with its old row, a `/ws` subscription also learns when
+/// the row entered or left its scope; a socket.io one (every service, no query) gets the
+/// event where the row now is, as Feathers does.
+fn scope(member: &Member, sub: &Subscription, prepared: &Prepared<'_>) -> Scope {
+    let event = prepared.event;
+    let now = reached(member, prepared) && sub.matches(event.kind, &event.data);
+    let tracked = !member.all_services.as_ref().is_some_and(|all| std::ptr::eq(all, sub));
+    let before = match (&event.old, tracked) {
+        (Some(old), true) => was_reached(member, prepared) && sub.matches(event.kind, old),
+        _ => now,
+    };
+    match (before, now) {
+        (true, true) if sub.kinds.contains(event.kind) => Scope::In,
+        (false, true) if sub.kinds.contains(event.kind) => Scope::MovedIn,
+        (true, false) if sub.kinds.contains(EventKind::Removed) => Scope::MovedOut,
+        _ => Scope::Out,
+    }
+}
+
 /// Removes a connection from one entry of an index, and the entry once it is empty.
 fn unindex<K, Q>(index: &mut HashMap<K, HashSet<ConnId>>, key: &Q, conn: ConnId)
 where
@@ -418,9 +458,12 @@ impl Hub {
         {
             let state = self.read();
             let service: &str = &prepared.event.service;
+            // The row's channels, and for an update the ones it was in: a subscriber there
+            // may see it leave.
             let channel_sets: Vec<&HashSet<ConnId>> = prepared
                 .channels
                 .iter()
+                .chain(prepared.old_channels.iter().flatten())
                 .filter_map(|c| state.channels.get(c.as_str()))
                 .collect();
             let in_channels: usize = channel_sets.iter().map(|s| s.len()).sum();
@@ -446,7 +489,10 @@ impl Hub {
                     let Some(member) = state.members.get(conn) else {
                         continue;
                     };
-                    if let (true, Some(sub)) = (reached(member, prepared), member.subscription(service)) {
+                    if let (true, Some(sub)) = (
+                        reached(member, prepared) || was_reached(member, prepared),
+                        member.subscription(service),
+                    ) {
                         self.offer_to(*conn, member, sub, prepared);
                     }
                 }
@@ -485,13 +531,21 @@ impl Hub {
     fn offer_to(&self, conn: ConnId, member: &Member, sub: &Subscription, prepared: &mut Prepared<'_>) {
         let event = prepared.event;
         let view = match prepared.view_for(member.principal.as_deref()) {
-            Some(view) if sub.wants(event.kind, &event.data) && may_filter(member, sub, prepared) => view,
+            Some(view) if may_filter(member, sub, prepared) => view,
             _ => {
                 self.metrics.events_filtered.inc();
                 return;
             }
         };
-        let mut frame = Frame::Event(prepared.frame(view));
+        let mut frame = match scope(member, sub, prepared) {
+            Scope::In => Frame::Event(prepared.frame(view)),
+            Scope::MovedIn => Frame::Event(prepared.moved_in_frame(view)),
+            Scope::MovedOut => Frame::Event(prepared.moved_out_frame()),
+            Scope::Out => {
+                self.metrics.events_filtered.inc();
+                return;
+            }
+        };
         if let Some(resuming) = &sub.resuming {
             if event.position.tick <= resuming.live_after.load(Ordering::SeqCst) {
                 return; // the replay sends it
@@ -551,19 +605,20 @@ impl Hub {
         else {
             return Replayed::Stop;
         };
-        if !reached(member, prepared)
-            || !sub.wants(prepared.event.kind, &prepared.event.data)
-            || !may_filter(member, sub, prepared)
-        {
+        if !may_filter(member, sub, prepared) {
             return Replayed::Skip;
         }
-        match prepared.view_for(member.principal.as_deref()) {
-            Some(view) => {
-                permit.send(Frame::Event(prepared.frame(view)));
-                Replayed::Sent
-            }
-            None => Replayed::Skip,
-        }
+        let Some(view) = prepared.view_for(member.principal.as_deref()) else {
+            return Replayed::Skip;
+        };
+        let frame = match scope(member, sub, prepared) {
+            Scope::In => prepared.frame(view),
+            Scope::MovedIn => prepared.moved_in_frame(view),
+            Scope::MovedOut => prepared.moved_out_frame(),
+            Scope::Out => return Replayed::Skip,
+        };
+        permit.send(Frame::Event(frame));
+        Replayed::Sent
     }
 
     /// Waits until every connection with parked frames has taken them, for at most

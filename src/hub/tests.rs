@@ -13,6 +13,7 @@ fn event(seq: i64) -> ServiceEvent {
         service: Arc::from("messages"),
         kind: EventKind::Created,
         data: json!({"id": seq, "user_id": 1, "secret": "s"}),
+        old: None,
         position: Position { tick: seq, seq },
     }
 }
@@ -23,6 +24,7 @@ fn policy(channels: &[&str]) -> Policy {
         publisher: Arc::new(TemplatePublisher::parse(&templates).expect("templates")),
         filters: Vec::new(),
         visibility: Visibility::default(),
+        id_column: Arc::from("id"),
     }
 }
 

@@ -171,6 +171,7 @@ impl Service {
             stamps,
             write_roles: config.write_roles.iter().map(|(c, r)| (c.clone(), r.clone())).collect(),
             policy: Policy {
+                id_column: Arc::from(config.id.as_str()),
                 publisher,
                 filters: extensions.filters,
                 visibility: Visibility::new(restricted).map_err(|e| format!("service '{name}': {e}"))?,
