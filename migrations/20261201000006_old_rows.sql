@@ -17,6 +17,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     logged bigint;
     update_kind text;
+    key text;
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO quill.change_log (table_schema, table_name, kind, row_data)
@@ -30,18 +31,18 @@ BEGIN
             INSERT INTO quill.change_log (table_schema, table_name, kind, row_data)
             SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, update_kind, row_to_json(r) FROM quill_new r;
         ELSE
-            EXECUTE format(
-                'INSERT INTO quill.change_log (table_schema, table_name, kind, row_data, old_data)
-                 SELECT $1, $2, x.kind, x.row_data, x.old_data FROM (
-                     SELECT 0 AS part, ''removed'' AS kind, row_to_json(o) AS row_data, NULL::json AS old_data
-                     FROM quill_old o
-                     WHERE NOT EXISTS (SELECT 1 FROM quill_new n WHERE n.%1$I = o.%1$I)
-                     UNION ALL
-                     SELECT 1, $3, row_to_json(n), row_to_json(o)
-                     FROM quill_new n LEFT JOIN quill_old o ON o.%1$I = n.%1$I
-                 ) x ORDER BY x.part',
-                TG_ARGV[0])
-            USING TG_TABLE_SCHEMA, TG_TABLE_NAME, update_kind;
+            -- Static SQL (its plan is kept for the session): the id column is a value here,
+            -- so rows are paired by their id as JSON.
+            key := TG_ARGV[0];
+            INSERT INTO quill.change_log (table_schema, table_name, kind, row_data, old_data)
+            SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, x.kind, x.row_data, x.old_data FROM (
+                SELECT 0 AS part, 'removed' AS kind, row_to_json(o) AS row_data, NULL::json AS old_data
+                FROM quill_old o
+                WHERE NOT EXISTS (SELECT 1 FROM quill_new n WHERE to_jsonb(n) -> key = to_jsonb(o) -> key)
+                UNION ALL
+                SELECT 1, update_kind, row_to_json(n), row_to_json(o)
+                FROM quill_new n LEFT JOIN quill_old o ON to_jsonb(o) -> key = to_jsonb(n) -> key
+            ) x ORDER BY x.part;
         END IF;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO quill.change_log (table_schema, table_name, kind, row_data)

@@ -239,9 +239,21 @@ fn column_value(column: &'static str) -> BoxedStrategy<Value> {
 }
 
 fn condition() -> impl Strategy<Value = Cond> {
-    let column = prop::sample::select(vec!["id", "user_id", "text", "created_at"]);
+    conditions(false)
+}
+
+/// Conditions of `find` (any column, any operator), or of subscriptions: no timestamps,
+/// and text by equality only (see `service::matching`).
+fn conditions(subscription: bool) -> impl Strategy<Value = Cond> {
+    let columns = if subscription {
+        vec!["id", "user_id", "text"]
+    } else {
+        vec!["id", "user_id", "text", "created_at"]
+    };
+    let column = prop::sample::select(columns);
     let atom = prop_oneof![
         4 => (column.clone(), prop::sample::select(vec!["$eq", "$ne", "$lt", "$lte", "$gt", "$gte"]))
+            .prop_map(move |(c, op)| if subscription && c == "text" && !matches!(op, "$eq" | "$ne") { (c, "$ne") } else { (c, op) })
             .prop_flat_map(|(c, op)| column_value(c).prop_map(move |v| Cond::Compare(c, op, v))),
         2 => (column, any::<bool>())
             .prop_flat_map(|(c, negated)| prop::collection::vec(column_value(c), 0..4).prop_map(move |vs| Cond::In(c, negated, vs))),
@@ -329,12 +341,8 @@ fn reference_sql(conds: &[Cond]) -> String {
     parts.join(" AND ")
 }
 
-#[tokio::test]
-async fn a_valid_query_selects_exactly_what_postgresql_selects_by_reference() {
-    const CASES: usize = 300;
-    let seed = seed();
-    let q = Quill::start().await;
-    let sql = q.sql().await;
+/// 40 messages over 4 users (every fifth without one), ten texts, six days.
+async fn seed_messages(sql: &sqlx::PgPool) {
     sqlx::raw_sql(
         "INSERT INTO users (email, password) SELECT 'u' || i || '@x.io', 'x' FROM generate_series(1, 4) i;
          INSERT INTO messages (text, user_id, created_at)
@@ -343,9 +351,18 @@ async fn a_valid_query_selects_exactly_what_postgresql_selects_by_reference() {
                 timestamptz '2026-03-01T12:00:00Z' + (i % 6) * interval '1 day' + (i % 3) * interval '1 hour'
          FROM generate_series(1, 40) i;",
     )
-    .execute(&sql)
+    .execute(sql)
     .await
     .expect("seed rows");
+}
+
+#[tokio::test]
+async fn a_valid_query_selects_exactly_what_postgresql_selects_by_reference() {
+    const CASES: usize = 300;
+    let seed = seed();
+    let q = Quill::start().await;
+    let sql = q.sql().await;
+    seed_messages(&sql).await;
     let mut ws = q.ws().await;
     let mut runner = runner(seed, CASES as u32);
     let strategy = prop::collection::vec(condition(), 0..4);
@@ -380,4 +397,61 @@ async fn a_valid_query_selects_exactly_what_postgresql_selects_by_reference() {
         telling >= CASES / 4,
         "only {telling} of {CASES} cases select some rows but not all (seed {seed})"
     );
+}
+
+#[tokio::test]
+async fn the_subscription_matcher_decides_as_postgresql_does() {
+    const CASES: usize = 300;
+    let seed = seed();
+    let q = Quill::start().await;
+    let sql = q.sql().await;
+    seed_messages(&sql).await;
+    let rows: Vec<Value> =
+        sqlx::query_scalar::<_, sqlx::types::Json<Value>>("SELECT row_to_json(m) FROM messages m ORDER BY id")
+            .fetch_all(&sql)
+            .await
+            .expect("rows")
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+    let table = quill::store::Table::load(&sql, "messages", "public", "messages", "id", &[])
+        .await
+        .expect("catalog");
+    let mut runner = runner(seed, CASES as u32);
+    let strategy = prop::collection::vec(conditions(true), 0..4);
+    for case in 0..CASES {
+        let conds = strategy.new_tree(&mut runner).expect("a case").current();
+        let query = Value::Object(feathers(&conds));
+        let parsed = quill::service::query::Query::parse(&query, &table).expect("valid");
+        parsed
+            .check_matchable()
+            .unwrap_or_else(|e| panic!("case {case}: {query} refused: {e}"));
+        let got: Vec<i64> = rows
+            .iter()
+            .filter(|row| parsed.matches(row))
+            .filter_map(|row| row["id"].as_i64())
+            .collect();
+        let where_clause = reference_sql(&conds);
+        let expected: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM messages WHERE {where_clause} ORDER BY id"
+        )))
+        .fetch_all(&sql)
+        .await
+        .unwrap_or_else(|e| panic!("reference {where_clause}: {e}"));
+        assert_eq!(
+            got, expected,
+            "case {case}: {query}\nreference: {where_clause}\nreplay with QUILL_PROP_SEED={seed}"
+        );
+    }
+    // And what it cannot decide as PostgreSQL would, a subscription refuses.
+    let mut ws = q.ws().await;
+    for query in [
+        json!({"text": {"$gt": "a"}}),
+        json!({"created_at": {"$lt": "2026-03-02T00:00:00Z"}}),
+        json!({"created_at": "2026-03-02T12:00:00Z"}),
+        json!({"user_id": "not a number"}),
+    ] {
+        let reply = ws.call("subscribe", "messages", json!({ "query": query })).await;
+        assert_eq!(reply["error"]["code"], 400, "{query}: {reply}");
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod access;
 mod definition;
+pub mod matching;
 pub mod query;
 mod users;
 pub mod watch;

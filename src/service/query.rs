@@ -6,6 +6,7 @@
 
 use serde_json::{Map, Value};
 
+use super::matching::{self, ValueKind};
 use crate::error::{Error, Result};
 use crate::store::Table;
 
@@ -20,6 +21,8 @@ pub struct Query {
     pub skip: i64,
     /// `$select`; `None` for every column.
     pub select: Option<Vec<String>>,
+    /// How the filter's columns compare, for evaluating it in quill (subscriptions).
+    pub(crate) kinds: Vec<(String, ValueKind)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -77,13 +80,28 @@ impl Query {
             }
         }
         q.filter = parse_conditions(obj, table, true)?;
+        let mut columns = Vec::new();
+        condition_columns(&q.filter, &mut columns);
+        for column in columns {
+            if !q.kinds.iter().any(|(c, _)| c == column)
+                && let Some(found) = table.column(column)
+            {
+                q.kinds.push((column.to_owned(), ValueKind::of(&found.sql_type)));
+            }
+        }
         Ok(q)
     }
 
-    /// Whether a row (as JSON) meets the filter: for subscription queries, evaluated in
-    /// quill. Numbers compare numerically, everything else as text.
+    /// Whether a row (as JSON) meets the filter, evaluated in quill (subscriptions): as
+    /// PostgreSQL decides it for `find`, for the filters [`Query::check_matchable`] admits.
     pub fn matches(&self, row: &Value) -> bool {
-        all_match(&self.filter, row)
+        matching::all_match(&self.filter, &self.kinds, row)
+    }
+
+    /// Refuses a filter quill cannot evaluate exactly as PostgreSQL would (see
+    /// [`matching`]); a subscription's query must pass.
+    pub fn check_matchable(&self) -> Result<()> {
+        matching::check(&self.filter, &self.kinds)
     }
 
     /// The columns the query filters or sorts on.
@@ -102,7 +120,7 @@ impl Query {
     }
 }
 
-fn condition_columns<'a>(conditions: &'a [Condition], out: &mut Vec<&'a str>) {
+pub(crate) fn condition_columns<'a>(conditions: &'a [Condition], out: &mut Vec<&'a str>) {
     for c in conditions {
         match c {
             Condition::Compare { column, .. } | Condition::IsNull { column, .. } | Condition::In { column, .. } => {
@@ -110,61 +128,6 @@ fn condition_columns<'a>(conditions: &'a [Condition], out: &mut Vec<&'a str>) {
             }
             Condition::Or(branches) => branches.iter().for_each(|b| condition_columns(b, out)),
         }
-    }
-}
-
-fn all_match(conditions: &[Condition], row: &Value) -> bool {
-    conditions.iter().all(|c| condition_matches(c, row))
-}
-
-fn condition_matches(condition: &Condition, row: &Value) -> bool {
-    match condition {
-        Condition::Compare { column, op, value } => {
-            let Some(cell) = row.get(column).filter(|v| !v.is_null()) else {
-                // NULL is only "different from" a value
-                return *op == CompareOp::Ne;
-            };
-            let Some(order) = compare(cell, value) else {
-                return *op == CompareOp::Ne;
-            };
-            match op {
-                CompareOp::Eq => order.is_eq(),
-                CompareOp::Ne => order.is_ne(),
-                CompareOp::Lt => order.is_lt(),
-                CompareOp::Lte => order.is_le(),
-                CompareOp::Gt => order.is_gt(),
-                CompareOp::Gte => order.is_ge(),
-            }
-        }
-        Condition::IsNull { column, negated } => row.get(column).is_none_or(Value::is_null) != *negated,
-        Condition::In {
-            column,
-            negated,
-            values,
-        } => {
-            let Some(cell) = row.get(column).filter(|v| !v.is_null()) else {
-                return false;
-            };
-            let found = values.iter().any(|v| compare(cell, v).is_some_and(|o| o.is_eq()));
-            found != *negated
-        }
-        Condition::Or(branches) => branches.iter().any(|b| all_match(b, row)),
-    }
-}
-
-/// Orders a JSON cell against a query value given as text.
-fn compare(cell: &Value, value: &str) -> Option<std::cmp::Ordering> {
-    match cell {
-        Value::Number(n) => {
-            let wanted: f64 = value.trim().parse().ok()?;
-            n.as_f64()?.partial_cmp(&wanted)
-        }
-        Value::Bool(b) => {
-            let wanted: bool = value.trim().parse().ok()?;
-            Some(b.cmp(&wanted))
-        }
-        Value::String(s) => Some(s.as_str().cmp(value)),
-        _ => None,
     }
 }
 

@@ -512,6 +512,8 @@ fn parse_subscription(
         Some(q) => {
             let query = Query::parse(q, &service.table())?;
             service.check_queryable(&query, caller)?;
+            // Decided in quill for every event: only what it decides as PostgreSQL would.
+            query.check_matchable()?;
             Some(Arc::new(query))
         }
     };
