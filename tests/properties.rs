@@ -356,6 +356,18 @@ async fn seed_messages(sql: &sqlx::PgPool) {
     .expect("seed rows");
 }
 
+/// The ids PostgreSQL selects for the conditions written by hand, and that SQL.
+async fn reference_ids(sql: &sqlx::PgPool, conds: &[Cond]) -> (String, Vec<i64>) {
+    let where_clause = reference_sql(conds);
+    let ids = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT id FROM messages WHERE {where_clause} ORDER BY id"
+    )))
+    .fetch_all(sql)
+    .await
+    .unwrap_or_else(|e| panic!("reference {where_clause}: {e}"));
+    (where_clause, ids)
+}
+
 #[tokio::test]
 async fn a_valid_query_selects_exactly_what_postgresql_selects_by_reference() {
     const CASES: usize = 300;
@@ -380,13 +392,7 @@ async fn a_valid_query_selects_exactly_what_postgresql_selects_by_reference() {
             .iter()
             .filter_map(|row| row["id"].as_i64())
             .collect();
-        let where_clause = reference_sql(&conds);
-        let expected: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT id FROM messages WHERE {where_clause} ORDER BY id"
-        )))
-        .fetch_all(&sql)
-        .await
-        .unwrap_or_else(|e| panic!("reference {where_clause}: {e}"));
+        let (where_clause, expected) = reference_ids(&sql, &conds).await;
         assert_eq!(
             got, expected,
             "case {case}: {query:?}\nreference: {where_clause}\nreplay with QUILL_PROP_SEED={seed}"
@@ -431,13 +437,7 @@ async fn the_subscription_matcher_decides_as_postgresql_does() {
             .filter(|row| parsed.matches(row))
             .filter_map(|row| row["id"].as_i64())
             .collect();
-        let where_clause = reference_sql(&conds);
-        let expected: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT id FROM messages WHERE {where_clause} ORDER BY id"
-        )))
-        .fetch_all(&sql)
-        .await
-        .unwrap_or_else(|e| panic!("reference {where_clause}: {e}"));
+        let (where_clause, expected) = reference_ids(&sql, &conds).await;
         assert_eq!(
             got, expected,
             "case {case}: {query}\nreference: {where_clause}\nreplay with QUILL_PROP_SEED={seed}"

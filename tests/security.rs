@@ -391,19 +391,24 @@ async fn login_results_show_the_user_only_what_they_may_see_of_their_own_row() {
     assert!(auth["user"].get("password").is_none());
 }
 
+async fn role_of(q: &Quill, id: i64) -> String {
+    sqlx::query_scalar("SELECT role FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_one(&q.sql().await)
+        .await
+        .expect("role")
+}
+
 #[tokio::test]
 async fn a_put_keeps_what_the_caller_may_not_write_and_the_password() {
     let q = Quill::start_secure().await;
-    let (id, token) = q.user("vip@x.io", false).await;
+    let (id, _) = q.user("vip@x.io", false).await;
     sqlx::query("UPDATE users SET role = 'vip' WHERE id = $1")
         .bind(id)
         .execute(&q.sql().await)
         .await
         .expect("vip");
-    let token = {
-        let _ = token;
-        q.login("vip@x.io", "pw-123456").await
-    };
+    let token = q.login("vip@x.io", "pw-123456").await;
     let (status, body) = q
         .rest_as(
             &token,
@@ -413,11 +418,7 @@ async fn a_put_keeps_what_the_caller_may_not_write_and_the_password() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let role: String = sqlx::query_scalar("SELECT role FROM users WHERE id = $1")
-        .bind(id)
-        .fetch_one(&q.sql().await)
-        .await
-        .expect("role");
+    let role = role_of(&q, id).await;
     assert_eq!(role, "vip", "only admins write role: a PUT without it keeps it");
     assert_eq!(
         login_status(&q, "vip2@x.io", "pw-123456", None).await,
@@ -445,11 +446,7 @@ async fn a_put_keeps_what_the_caller_may_not_write_and_the_password() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let role: String = sqlx::query_scalar("SELECT role FROM users WHERE id = $1")
-        .bind(id)
-        .fetch_one(&q.sql().await)
-        .await
-        .expect("role");
+    let role = role_of(&q, id).await;
     assert_eq!(role, "user", "an admin's PUT resets it to its default");
 }
 
