@@ -455,3 +455,126 @@ async fn the_subscription_matcher_decides_as_postgresql_does() {
         assert_eq!(reply["error"]["code"], 400, "{query}: {reply}");
     }
 }
+
+/// Values of the typed table's columns, as a client might write them.
+fn typed_value(column: &'static str) -> BoxedStrategy<String> {
+    let pick = |values: Vec<&'static str>| prop::sample::select(values).prop_map(str::to_owned).boxed();
+    match column {
+        "n" => pick(vec!["0", "1", "1.5", "1.50", "-2", "0.1", "10", "2.25"]),
+        "r" | "d" => pick(vec!["0", "0.5", "0.1", "-1.25", "3", "1e1"]),
+        "b" => pick(vec!["true", "false", "t", "f", "yes", "no", "1", "0", " TRUE "]),
+        _ => pick(vec![
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "{a0eebc999c0b4ef8bb6d6bb9bd380a11}",
+            "00000000-0000-0000-0000-000000000001",
+            "ffffffff-ffff-ffff-ffff-ffffffffffff",
+        ]),
+    }
+}
+
+#[tokio::test]
+async fn the_subscription_matcher_compares_numbers_booleans_and_uuids_as_postgresql_does() {
+    const CASES: usize = 300;
+    let seed = seed();
+    let q = Quill::start().await;
+    let sql = q.sql().await;
+    sqlx::raw_sql(
+        "CREATE TABLE typed (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, n numeric, r real,
+                             d double precision, b boolean, u uuid);
+         INSERT INTO typed (n, r, d, b, u)
+         SELECT (ARRAY[0, 1, 1.5, -2, 0.1, 10, NULL])[1 + i % 7],
+                (ARRAY[0, 0.5, 0.1, -1.25, 3, NULL]::real[])[1 + i % 6],
+                (ARRAY[0, 0.5, 0.1, -1.25, 10, NULL]::double precision[])[1 + i % 6],
+                (ARRAY[true, false, NULL])[1 + i % 3],
+                (ARRAY['a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '00000000-0000-0000-0000-000000000001',
+                       'ffffffff-ffff-ffff-ffff-ffffffffffff', NULL]::uuid[])[1 + i % 4]
+         FROM generate_series(1, 60) i;",
+    )
+    .execute(&sql)
+    .await
+    .expect("typed table");
+    let table = quill::store::Table::load(&sql, "typed", "public", "typed", "id", &[])
+        .await
+        .expect("catalog");
+    let rows: Vec<Value> = sqlx::query_scalar::<_, sqlx::types::Json<Value>>("SELECT row_to_json(t) FROM typed t")
+        .fetch_all(&sql)
+        .await
+        .expect("rows")
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    let sql_type = |c: &str| match c {
+        "n" => "numeric",
+        "r" => "real",
+        "d" => "double precision",
+        "b" => "boolean",
+        _ => "uuid",
+    };
+    let mut runner = runner(seed, CASES as u32);
+    let atom = (
+        prop::sample::select(vec!["n", "r", "d", "b", "u"]),
+        prop::sample::select(vec!["=", "$ne", "$lt", "$lte", "$gt", "$gte", "$in", "$nin"]),
+    )
+        .prop_flat_map(|(c, op)| prop::collection::vec(typed_value(c), 1..3).prop_map(move |vs| (c, op, vs)));
+    let strategy = prop::collection::vec(atom, 1..3);
+    for case in 0..CASES {
+        let atoms = strategy.new_tree(&mut runner).expect("a case").current();
+        let mut branches = Vec::new();
+        let mut clauses = Vec::new();
+        for (column, op, values) in &atoms {
+            let literal = |v: &String| format!("'{}'::{}", v.replace('\'', "''"), sql_type(column));
+            let (feathers, clause) = match *op {
+                "=" => (
+                    json!({ *column: values[0] }),
+                    format!("{column} = {}", literal(&values[0])),
+                ),
+                "$in" | "$nin" => {
+                    let list: Vec<String> = values.iter().map(literal).collect();
+                    let not = if *op == "$nin" { "NOT " } else { "" };
+                    (
+                        json!({ *column: { *op: values } }),
+                        format!("{column} {not}IN ({})", list.join(", ")),
+                    )
+                }
+                other => {
+                    let sql_op = match other {
+                        "$ne" => "IS DISTINCT FROM",
+                        "$lt" => "<",
+                        "$lte" => "<=",
+                        "$gt" => ">",
+                        _ => ">=",
+                    };
+                    (
+                        json!({ *column: { other: values[0] } }),
+                        format!("{column} {sql_op} {}", literal(&values[0])),
+                    )
+                }
+            };
+            branches.push(feathers);
+            clauses.push(format!("({clause})"));
+        }
+        let query = json!({ "$and": branches });
+        let parsed = quill::service::query::Query::parse(&query, &table).expect("valid");
+        parsed
+            .check_matchable()
+            .unwrap_or_else(|e| panic!("case {case}: {query} refused: {e}"));
+        let mut got: Vec<i64> = rows
+            .iter()
+            .filter(|row| parsed.matches(row))
+            .filter_map(|row| row["id"].as_i64())
+            .collect();
+        got.sort_unstable();
+        let where_clause = clauses.join(" AND ");
+        let expected: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM typed WHERE {where_clause} ORDER BY id"
+        )))
+        .fetch_all(&sql)
+        .await
+        .unwrap_or_else(|e| panic!("reference {where_clause}: {e}"));
+        assert_eq!(
+            got, expected,
+            "case {case}: {query}\nreference: {where_clause}\nreplay with QUILL_PROP_SEED={seed}"
+        );
+    }
+}
