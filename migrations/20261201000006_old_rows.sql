@@ -2,8 +2,9 @@
 -- every consumer can tell where a row was and where it is now (a row that leaves a query's
 -- or a channel's scope is announced; Supabase-style `old` records are possible).
 --
--- The update trigger pairs the statement's old and new rows by the table's id column,
--- which quill passes as the trigger's argument. A row whose id the statement changed is
+-- The update trigger (quill.capture_update; quill.capture keeps serving older triggers)
+-- pairs the statement's old and new rows by the table's id column, which quill passes as
+-- the trigger's argument. A row whose id the statement changed is
 -- logged as removed (under its old id) and then patched (under its new id, without an old
 -- row), in that order, so a copy keyed by id stays right.
 
@@ -12,45 +13,29 @@ ALTER TABLE quill.change_log ADD COLUMN old_data json;
 -- The id column of each captured table, for triggers re-created by the DDL event trigger.
 ALTER TABLE quill.captured ADD COLUMN id_column text;
 
-CREATE OR REPLACE FUNCTION quill.capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- The update trigger of a table: the old row beside the new, paired by the id column (the
+-- trigger's argument, read as a JSON key so the SQL is static and its plan kept). Hash
+-- joins only: a plan kept from a one-row UPDATE must not nest-loop a 100 000-row one.
+CREATE FUNCTION quill.capture_update() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_nestloop = off AS $$
 DECLARE
     logged bigint;
     update_kind text;
-    key text;
+    key text := TG_ARGV[0];
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO quill.change_log (table_schema, table_name, kind, row_data)
-        SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'created', row_to_json(r) FROM quill_new r;
-    ELSIF TG_OP = 'UPDATE' THEN
-        -- quill tags PUT with SET LOCAL quill.method = 'update'; every other UPDATE is a patch.
-        update_kind := CASE WHEN current_setting('quill.method', true) = 'update'
-                            THEN 'updated' ELSE 'patched' END;
-        IF TG_NARGS = 0 THEN
-            -- A trigger of an older quill (no old table, no id column): new rows only.
-            INSERT INTO quill.change_log (table_schema, table_name, kind, row_data)
-            SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, update_kind, row_to_json(r) FROM quill_new r;
-        ELSE
-            -- Static SQL (its plan is kept for the session): the id column is a value here,
-            -- so rows are paired by their id as JSON.
-            key := TG_ARGV[0];
-            INSERT INTO quill.change_log (table_schema, table_name, kind, row_data, old_data)
-            SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, x.kind, x.row_data, x.old_data FROM (
-                SELECT 0 AS part, 'removed' AS kind, row_to_json(o) AS row_data, NULL::json AS old_data
-                FROM quill_old o
-                WHERE NOT EXISTS (SELECT 1 FROM quill_new n WHERE to_jsonb(n) -> key = to_jsonb(o) -> key)
-                UNION ALL
-                SELECT 1, update_kind, row_to_json(n), row_to_json(o)
-                FROM quill_new n LEFT JOIN quill_old o ON to_jsonb(o) -> key = to_jsonb(n) -> key
-            ) x ORDER BY x.part;
-        END IF;
-    ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO quill.change_log (table_schema, table_name, kind, row_data)
-        SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'removed', row_to_json(r) FROM quill_old r;
-    ELSIF TG_OP = 'TRUNCATE' THEN
-        INSERT INTO quill.change_log (table_schema, table_name, kind, row_data)
-        VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'truncated', '{}');
-    END IF;
+    -- quill tags PUT with SET LOCAL quill.method = 'update'; every other UPDATE is a patch.
+    update_kind := CASE WHEN current_setting('quill.method', true) = 'update'
+                        THEN 'updated' ELSE 'patched' END;
+    -- A row whose id changed: removed under its old id, then patched under the new one.
+    INSERT INTO quill.change_log (table_schema, table_name, kind, row_data, old_data)
+    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, x.kind, x.row_data, x.old_data FROM (
+        SELECT 0 AS part, 'removed' AS kind, row_to_json(o) AS row_data, NULL::json AS old_data
+        FROM quill_old o
+        WHERE NOT EXISTS (SELECT 1 FROM quill_new n WHERE to_jsonb(n) -> key = to_jsonb(o) -> key)
+        UNION ALL
+        SELECT 1, update_kind, row_to_json(n), row_to_json(o)
+        FROM quill_new n LEFT JOIN quill_old o ON to_jsonb(o) -> key = to_jsonb(n) -> key
+    ) x ORDER BY x.part;
     GET DIAGNOSTICS logged = ROW_COUNT;
     IF logged > 0 THEN
         PERFORM quill.wake_readers();
@@ -132,7 +117,7 @@ BEGIN
                     IF id_column IS NULL THEN
                         EXECUTE format('CREATE OR REPLACE TRIGGER quill_capture_update AFTER UPDATE ON %s REFERENCING NEW TABLE AS quill_new FOR EACH STATEMENT EXECUTE FUNCTION quill.capture()', cmd.objid::regclass);
                     ELSE
-                        EXECUTE format('CREATE OR REPLACE TRIGGER quill_capture_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS quill_old NEW TABLE AS quill_new FOR EACH STATEMENT EXECUTE FUNCTION quill.capture(%L)', cmd.objid::regclass, id_column);
+                        EXECUTE format('CREATE OR REPLACE TRIGGER quill_capture_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS quill_old NEW TABLE AS quill_new FOR EACH STATEMENT EXECUTE FUNCTION quill.capture_update(%L)', cmd.objid::regclass, id_column);
                     END IF;
                     EXECUTE format('CREATE OR REPLACE TRIGGER quill_capture_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS quill_old FOR EACH STATEMENT EXECUTE FUNCTION quill.capture()', cmd.objid::regclass);
                     EXECUTE format('CREATE OR REPLACE TRIGGER quill_capture_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION quill.capture()', cmd.objid::regclass);

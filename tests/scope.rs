@@ -176,3 +176,43 @@ async fn a_resume_replays_scope_moves_like_live_delivery() {
         (Some("removed"), Some("out"))
     );
 }
+
+#[tokio::test]
+async fn a_bulk_update_after_many_single_row_ones_is_paired_in_linear_time() {
+    let q = Quill::start().await;
+    sql(
+        &q,
+        "INSERT INTO messages (text) SELECT 'row ' || i FROM generate_series(1, 20000) i",
+    )
+    .await;
+    // Plans kept from one-row updates (PostgreSQL switches to a generic plan after five).
+    for i in 1..=8 {
+        sql(&q, &format!("UPDATE messages SET text = 'single {i}' WHERE id = {i}")).await;
+    }
+    let pool = q.sql().await;
+    let bulk = sqlx::raw_sql("UPDATE messages SET text = text || '!'").execute(&pool);
+    let done = tokio::time::timeout(crate::support::WAIT, bulk).await;
+    assert!(
+        done.is_ok(),
+        "pairing 20 000 old and new rows must not take quadratic time"
+    );
+    let paired: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM quill.change_log WHERE kind = 'patched' AND old_data IS NOT NULL AND row_data->>'text' LIKE '%!'",
+    )
+    .fetch_one(&q.sql().await)
+    .await
+    .expect("count");
+    assert_eq!(paired, 20000);
+}
+
+#[tokio::test]
+async fn services_on_one_table_must_share_its_id() {
+    let mut config = open_demo();
+    // `email` identifies users too (unique, not null), but capture pairs rows by one id.
+    let mut by_email = config.services["users"].clone();
+    by_email.table = Some("users".into());
+    by_email.id = "email".into();
+    config.services.insert("users_by_email".into(), by_email);
+    let err = Quill::start_error(config).await;
+    assert!(err.to_string().contains("different ids"), "{err}");
+}

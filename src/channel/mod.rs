@@ -115,18 +115,22 @@ pub struct Policy {
 impl Policy {
     /// Computes the channels once; the result is shared by every receiver.
     pub fn prepare<'a>(&'a self, event: &'a ServiceEvent) -> Prepared<'a> {
+        let channels = guarded("publisher", Vec::new(), || self.publisher.channels(event));
         // Where the row was: an update with its old row may leave some channels.
-        let old_channels = event.old.as_ref().map(|old| {
-            let before = ServiceEvent {
-                data: old.clone(),
-                old: None,
-                ..event.clone()
-            };
-            guarded("publisher", Vec::new(), || self.publisher.channels(&before))
+        let before = event.old.as_ref().map(|old| ServiceEvent {
+            service: event.service.clone(),
+            kind: event.kind,
+            data: old.clone(),
+            old: None,
+            position: event.position,
         });
+        let old_channels = before
+            .as_ref()
+            .map(|before| guarded("publisher", Vec::new(), || self.publisher.channels(before)));
         Prepared {
-            channels: guarded("publisher", Vec::new(), || self.publisher.channels(event)),
+            channels,
             old_channels,
+            before,
             reach: if event.kind == EventKind::Truncated {
                 guarded("publisher", Vec::new(), || self.publisher.reach())
             } else {
@@ -146,6 +150,8 @@ pub struct Prepared<'a> {
     pub channels: Vec<String>,
     /// For an update with its old row: the channels the row was in before.
     pub old_channels: Option<Vec<String>>,
+    /// For an update with its old row: the event as it would have been before it.
+    before: Option<ServiceEvent>,
     /// For an event without a row: the channels any row could reach.
     pub reach: Vec<ChannelPattern>,
     pub event: &'a ServiceEvent,
@@ -164,6 +170,16 @@ impl Prepared<'_> {
         query
             .filter_columns()
             .all(|c| self.policy.visibility.sees_everywhere(user, c))
+    }
+
+    /// Whether the event filters let `user` have the row as it was before the update (no
+    /// old row: whether they let it have this one).
+    pub fn allowed_before(&self, user: Option<&Principal>) -> bool {
+        let event = self.before.as_ref().unwrap_or(self.event);
+        self.policy
+            .filters
+            .iter()
+            .all(|f| guarded("event filter", false, || f.allows(event, user)))
     }
 
     /// The view this connection gets, or `None` if a filter withholds the event.

@@ -136,12 +136,16 @@ enum Scope {
 /// kinds and query. For an update with its old row, a `/ws` subscription also learns when
 /// the row entered or left its scope; a socket.io one (every service, no query) gets the
 /// event where the row now is, as Feathers does.
-fn scope(member: &Member, sub: &Subscription, prepared: &Prepared<'_>) -> Scope {
+fn scope(member: &Member, sub: &Subscription, prepared: &Prepared<'_>, visible_now: bool) -> Scope {
     let event = prepared.event;
-    let now = reached(member, prepared) && sub.matches(event.kind, &event.data);
+    let now = visible_now && reached(member, prepared) && sub.matches(event.kind, &event.data);
     let tracked = !member.all_services.as_ref().is_some_and(|all| std::ptr::eq(all, sub));
     let before = match (&event.old, tracked) {
-        (Some(old), true) => was_reached(member, prepared) && sub.matches(event.kind, old),
+        (Some(old), true) => {
+            was_reached(member, prepared)
+                && sub.matches(event.kind, old)
+                && prepared.allowed_before(member.principal.as_deref())
+        }
         _ => now,
     };
     match (before, now) {
@@ -463,7 +467,14 @@ impl Hub {
             let channel_sets: Vec<&HashSet<ConnId>> = prepared
                 .channels
                 .iter()
-                .chain(prepared.old_channels.iter().flatten())
+                // (the ones it left; the others are listed already)
+                .chain(
+                    prepared
+                        .old_channels
+                        .iter()
+                        .flatten()
+                        .filter(|c| !prepared.channels.contains(c)),
+                )
                 .filter_map(|c| state.channels.get(c.as_str()))
                 .collect();
             let in_channels: usize = channel_sets.iter().map(|s| s.len()).sum();
@@ -530,18 +541,16 @@ impl Hub {
 
     fn offer_to(&self, conn: ConnId, member: &Member, sub: &Subscription, prepared: &mut Prepared<'_>) {
         let event = prepared.event;
-        let view = match prepared.view_for(member.principal.as_deref()) {
-            Some(view) if may_filter(member, sub, prepared) => view,
-            _ => {
-                self.metrics.events_filtered.inc();
-                return;
-            }
+        let view = prepared.view_for(member.principal.as_deref());
+        let scope = match may_filter(member, sub, prepared) {
+            true => scope(member, sub, prepared, view.is_some()),
+            false => Scope::Out,
         };
-        let mut frame = match scope(member, sub, prepared) {
-            Scope::In => Frame::Event(prepared.frame(view)),
-            Scope::MovedIn => Frame::Event(prepared.moved_in_frame(view)),
-            Scope::MovedOut => Frame::Event(prepared.moved_out_frame()),
-            Scope::Out => {
+        let mut frame = match (scope, view) {
+            (Scope::In, Some(view)) => Frame::Event(prepared.frame(view)),
+            (Scope::MovedIn, Some(view)) => Frame::Event(prepared.moved_in_frame(view)),
+            (Scope::MovedOut, _) => Frame::Event(prepared.moved_out_frame()),
+            _ => {
                 self.metrics.events_filtered.inc();
                 return;
             }
@@ -608,14 +617,12 @@ impl Hub {
         if !may_filter(member, sub, prepared) {
             return Replayed::Skip;
         }
-        let Some(view) = prepared.view_for(member.principal.as_deref()) else {
-            return Replayed::Skip;
-        };
-        let frame = match scope(member, sub, prepared) {
-            Scope::In => prepared.frame(view),
-            Scope::MovedIn => prepared.moved_in_frame(view),
-            Scope::MovedOut => prepared.moved_out_frame(),
-            Scope::Out => return Replayed::Skip,
+        let view = prepared.view_for(member.principal.as_deref());
+        let frame = match (scope(member, sub, prepared, view.is_some()), view) {
+            (Scope::In, Some(view)) => prepared.frame(view),
+            (Scope::MovedIn, Some(view)) => prepared.moved_in_frame(view),
+            (Scope::MovedOut, _) => prepared.moved_out_frame(),
+            _ => return Replayed::Skip,
         };
         permit.send(Frame::Event(frame));
         Replayed::Sent

@@ -1,14 +1,17 @@
 //! Whether a row matches a query, decided in quill (for subscriptions) exactly as
 //! PostgreSQL decides it for `find`.
 //!
-//! Each filter column compares as its type does in PostgreSQL: integers as integers,
-//! `real`/`double precision`/`numeric` as numbers, booleans with PostgreSQL's spellings,
-//! `uuid` as uuids (case and hyphens ignored, ordered by bytes), text by equality. What
-//! cannot be made equal is refused in subscriptions ([`check`]) instead of answered
-//! differently: ordering text (it follows the database's collation), and any operator on
-//! other types (timestamps, dates, JSON, arrays, …). NULL behaves as in SQL: it matches
-//! only `$ne` (`IS DISTINCT FROM`), a `null` test, and an empty `$nin`.
-//! `tests/properties.rs` checks the equality against PostgreSQL with generated queries.
+//! Each filter column compares as its type does in PostgreSQL: `smallint`/`integer`/
+//! `bigint` as integers in their range, `double precision` as doubles (NaN above every
+//! number, as in PostgreSQL), booleans with PostgreSQL's spellings, `uuid` as uuids in the
+//! forms PostgreSQL reads (ordered by bytes), `text` and unbounded `character varying` by
+//! equality. What cannot be made equal is refused in subscriptions ([`check`]) instead of
+//! answered differently: ordering text (it follows the database's collation), `numeric`
+//! and `real` (JSON numbers lose their precision; a `real` cast rounds), bounded types
+//! (`varchar(n)`, `numeric(p,s)` cast the value), and other types (timestamps, dates,
+//! JSON, arrays, …). NULL behaves as in SQL: it matches only `$ne` (`IS DISTINCT FROM`), a
+//! `null` test, and an empty `$nin`. `tests/properties.rs` checks the equality against
+//! PostgreSQL with generated queries.
 
 use std::cmp::Ordering;
 
@@ -20,7 +23,8 @@ use crate::error::{Error, Result};
 /// How a column's values compare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueKind {
-    Integer,
+    /// An integer type, with its range.
+    Integer(i64, i64),
     Number,
     Bool,
     Uuid,
@@ -33,13 +37,13 @@ impl ValueKind {
     /// The kind of a column, from its type as `format_type` prints it.
     pub fn of(sql_type: &str) -> ValueKind {
         match sql_type {
-            "smallint" | "integer" | "bigint" => ValueKind::Integer,
-            "real" | "double precision" => ValueKind::Number,
-            t if t.starts_with("numeric") => ValueKind::Number,
+            "smallint" => ValueKind::Integer(i16::MIN.into(), i16::MAX.into()),
+            "integer" => ValueKind::Integer(i32::MIN.into(), i32::MAX.into()),
+            "bigint" => ValueKind::Integer(i64::MIN, i64::MAX),
+            "double precision" => ValueKind::Number,
             "boolean" => ValueKind::Bool,
             "uuid" => ValueKind::Uuid,
-            "text" => ValueKind::Text,
-            t if t.starts_with("character varying") => ValueKind::Text,
+            "text" | "character varying" => ValueKind::Text,
             _ => ValueKind::Other,
         }
     }
@@ -54,15 +58,19 @@ enum Typed {
     Text(String),
 }
 
+/// PostgreSQL trims ASCII whitespace only around numbers and booleans.
+fn trim(text: &str) -> &str {
+    text.trim_matches(|c: char| c.is_ascii_whitespace())
+}
+
 fn typed(kind: ValueKind, text: &str) -> Option<Typed> {
     match kind {
-        ValueKind::Integer => text.trim().parse().ok().map(Typed::Integer),
-        ValueKind::Number => text
-            .trim()
-            .parse::<f64>()
+        ValueKind::Integer(min, max) => trim(text)
+            .parse::<i64>()
             .ok()
-            .filter(|n| n.is_finite())
-            .map(Typed::Number),
+            .filter(|n| (min..=max).contains(n))
+            .map(Typed::Integer),
+        ValueKind::Number => double(trim(text)).map(Typed::Number),
         ValueKind::Bool => pg_bool(text).map(Typed::Bool),
         ValueKind::Uuid => uuid(text).map(Typed::Text),
         ValueKind::Text => Some(Typed::Text(text.to_owned())),
@@ -70,11 +78,35 @@ fn typed(kind: ValueKind, text: &str) -> Option<Typed> {
     }
 }
 
+/// A finite double in decimal or exponent notation; not one PostgreSQL would refuse as out
+/// of range (an underflow to zero such as `1e-400`). NaN and infinities are refused in
+/// queries (quill would have to spell them exactly as PostgreSQL does).
+fn double(text: &str) -> Option<f64> {
+    let digits_and_signs = text
+        .bytes()
+        .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'));
+    let n: f64 = text.parse().ok().filter(|_| digits_and_signs)?;
+    let underflow = n == 0.0
+        && text
+            .split(['e', 'E'])
+            .next()?
+            .bytes()
+            .any(|b| (b'1'..=b'9').contains(&b));
+    (n.is_finite() && !underflow).then_some(n)
+}
+
 /// A row's cell as the same type.
 fn cell(kind: ValueKind, value: &Value) -> Option<Typed> {
     match (kind, value) {
-        (ValueKind::Integer, Value::Number(n)) => n.as_i64().map(Typed::Integer),
+        (ValueKind::Integer(..), Value::Number(n)) => n.as_i64().map(Typed::Integer),
         (ValueKind::Number, Value::Number(n)) => n.as_f64().map(Typed::Number),
+        // row_to_json writes these as strings.
+        (ValueKind::Number, Value::String(s)) => match s.as_str() {
+            "NaN" => Some(Typed::Number(f64::NAN)),
+            "Infinity" => Some(Typed::Number(f64::INFINITY)),
+            "-Infinity" => Some(Typed::Number(f64::NEG_INFINITY)),
+            _ => None,
+        },
         (ValueKind::Bool, Value::Bool(b)) => Some(Typed::Bool(*b)),
         (ValueKind::Uuid, Value::String(s)) => uuid(s).map(Typed::Text),
         (ValueKind::Text, Value::String(s)) => Some(Typed::Text(s.clone())),
@@ -85,31 +117,45 @@ fn cell(kind: ValueKind, value: &Value) -> Option<Typed> {
 /// PostgreSQL's boolean input: `t`, `true`, `y`, `yes`, `on`, `1` and their opposites, any
 /// case, trimmed (and unambiguous prefixes, which quill refuses rather than guess).
 fn pg_bool(text: &str) -> Option<bool> {
-    match text.trim().to_ascii_lowercase().as_str() {
+    match trim(text).to_ascii_lowercase().as_str() {
         "t" | "true" | "y" | "yes" | "on" | "1" => Some(true),
         "f" | "false" | "n" | "no" | "off" | "0" => Some(false),
         _ => None,
     }
 }
 
-/// A uuid as 32 lowercase hex digits (PostgreSQL accepts hyphens, braces and any case;
-/// its order is the bytes', which is this text's order).
+/// A uuid as 32 lowercase hex digits, if PostgreSQL reads it: optionally in one pair of
+/// braces, a hyphen allowed after any group of four digits, any case, no whitespace. Its
+/// order is the bytes', which is this text's order.
 fn uuid(text: &str) -> Option<String> {
-    let hex: String = text
-        .trim()
-        .trim_start_matches('{')
-        .trim_end_matches('}')
-        .chars()
-        .filter(|c| *c != '-')
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    (hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit())).then_some(hex)
+    let inner = match text.strip_prefix('{') {
+        Some(rest) => rest.strip_suffix('}')?,
+        None => text,
+    };
+    let mut hex = String::with_capacity(32);
+    let mut chars = inner.chars().peekable();
+    while let Some(c) = chars.next() {
+        if !c.is_ascii_hexdigit() {
+            return None;
+        }
+        hex.push(c.to_ascii_lowercase());
+        if hex.len().is_multiple_of(4) && hex.len() < 32 && chars.peek() == Some(&'-') {
+            chars.next();
+        }
+    }
+    (hex.len() == 32).then_some(hex)
 }
 
 fn order(a: &Typed, b: &Typed) -> Option<Ordering> {
     match (a, b) {
         (Typed::Integer(x), Typed::Integer(y)) => Some(x.cmp(y)),
-        (Typed::Number(x), Typed::Number(y)) => x.partial_cmp(y),
+        // PostgreSQL: NaN equals NaN and sorts above every other value.
+        (Typed::Number(x), Typed::Number(y)) => Some(match (x.is_nan(), y.is_nan()) {
+            (true, true) => Ordering::Equal,
+            (true, false) => Ordering::Greater,
+            (false, true) => Ordering::Less,
+            (false, false) => x.partial_cmp(y)?,
+        }),
         (Typed::Bool(x), Typed::Bool(y)) => Some(x.cmp(y)),
         (Typed::Text(x), Typed::Text(y)) => Some(x.as_bytes().cmp(y.as_bytes())),
         _ => None,
@@ -139,7 +185,7 @@ pub(super) fn check(conditions: &[Condition], kinds: &[(String, ValueKind)]) -> 
                 if kind == ValueKind::Other {
                     return refuse(
                         column,
-                        "only numbers, booleans, uuids and text (by equality) can be filtered in subscriptions",
+                        "only integers, doubles, booleans, uuids and text (by equality) can be filtered in subscriptions",
                     );
                 }
                 if kind == ValueKind::Text && !matches!(op, CompareOp::Eq | CompareOp::Ne) {
@@ -157,7 +203,7 @@ pub(super) fn check(conditions: &[Condition], kinds: &[(String, ValueKind)]) -> 
                 if kind == ValueKind::Other {
                     return refuse(
                         column,
-                        "only numbers, booleans, uuids and text can be filtered in subscriptions",
+                        "only integers, doubles, booleans, uuids and text can be filtered in subscriptions",
                     );
                 }
                 if values.iter().any(|v| typed(kind, v).is_none()) {

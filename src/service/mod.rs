@@ -127,6 +127,20 @@ impl Services {
             by_table.entry((schema, table_name)).or_default().push(service.clone());
             by_name.insert(name.clone(), service);
         }
+        // Capture pairs a table's old and new rows by one id column.
+        for ((schema, table), services) in &by_table {
+            if let [first, rest @ ..] = services.as_slice()
+                && let Some(other) = rest.iter().find(|s| s.table().id().name != first.table().id().name)
+            {
+                return Err(SetupError::Config(format!(
+                    "services '{}' and '{}' serve {schema}.{table} with different ids ('{}', '{}'): one table has one id",
+                    first.name,
+                    other.name,
+                    first.table().id().name,
+                    other.table().id().name
+                )));
+            }
+        }
         if let Some(unknown) = extensions.keys().next() {
             return Err(SetupError::Config(format!(
                 "extensions name service '{unknown}', which is not configured"

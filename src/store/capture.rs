@@ -46,8 +46,8 @@ pub async fn install_capture(pool: &PgPool, table: &Table) -> Result<(), Capture
     let present: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_trigger
          WHERE tgrelid = to_regclass($1) AND tgname = ANY($2)
-           AND (tgname <> $3 OR (tgnargs = 1 AND tgoldtable IS NOT NULL
-                                 AND encode(tgargs, 'escape') = $4 || '\\000'))",
+           AND (tgname <> $3 OR (tgfoid = 'quill.capture_update'::regproc AND tgnargs = 1
+                                 AND tgargs = convert_to($4, 'UTF8') || '\\x00'::bytea))",
     )
     .bind(&table.qualified)
     .bind(TRIGGERS.iter().map(|t| t.0).collect::<Vec<_>>())
@@ -75,14 +75,14 @@ pub async fn install_capture(pool: &PgPool, table: &Table) -> Result<(), Capture
         .await
         .map_err(err)?;
     for (name, event, transition) in TRIGGERS {
-        let argument = if name == UPDATE_TRIGGER {
-            quote_literal(id)
+        let function = if name == UPDATE_TRIGGER {
+            format!("quill.capture_update({})", quote_literal(id))
         } else {
-            String::new()
+            "quill.capture()".to_owned()
         };
         let sql = format!(
             "CREATE OR REPLACE TRIGGER {name} AFTER {event} ON {table} {transition} \
-             FOR EACH STATEMENT EXECUTE FUNCTION quill.capture({argument})",
+             FOR EACH STATEMENT EXECUTE FUNCTION {function}",
             name = quote_ident(name),
             table = table.qualified,
         );
