@@ -144,21 +144,31 @@ async fn a_prune_within_retention_deletes_nothing_even_behind_the_reader() {
     assert_eq!(logged_messages(&q).await, 5);
 }
 
-#[tokio::test]
-async fn a_replay_the_pruner_overtakes_says_so_instead_of_skipping() {
+/// A client's position (after message "0"), then one transaction of `rows` messages with
+/// texts `text`, delivered and recorded by the reader. Returns quill and the position.
+async fn position_then_one_big_transaction(text: &str, rows: usize) -> (Quill, i64) {
     let q = Quill::start().await;
     let sql = q.sql().await;
     let mut ws = q.ws().await;
     ws.subscribe("messages").await;
     insert_messages(&sql, 0, 1).await;
     let since = ws.next_event().await["seq"].as_i64().expect("seq");
-    // One transaction of more than a page: the replay reads it in three.
-    sqlx::query("INSERT INTO messages (text) SELECT 'bulk ' || i FROM generate_series(1, 2500) i")
-        .execute(&sql)
-        .await
-        .expect("bulk insert");
-    ws.events(2500).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO messages (text) SELECT {text} FROM generate_series(1, {rows}) i"
+    )))
+    .execute(&sql)
+    .await
+    .expect("bulk insert");
+    ws.events(rows).await;
     q.wait_until_reader_recorded().await;
+    (q, since)
+}
+
+#[tokio::test]
+async fn a_replay_the_pruner_overtakes_says_so_instead_of_skipping() {
+    // One transaction of more than a page: the replay reads it in three.
+    let (q, since) = position_then_one_big_transaction("'bulk ' || i", 2500).await;
+    let sql = q.sql().await;
     let after = quill::change::locate(&sql, since).await.expect("locate");
     let mut replay = quill::change::Replay::new(sql.clone(), after).await.expect("replay");
     replay.extend_to(i64::MAX);
@@ -174,20 +184,9 @@ async fn a_replay_the_pruner_overtakes_says_so_instead_of_skipping() {
 
 #[tokio::test]
 async fn a_resume_the_pruner_overtakes_is_told_to_reload() {
-    let q = Quill::start().await;
-    let sql = q.sql().await;
-    let mut ws = q.ws().await;
-    ws.subscribe("messages").await;
-    insert_messages(&sql, 0, 1).await;
-    let since = ws.next_event().await["seq"].as_i64().expect("seq");
     // 40 MB in five pages: more than the queue and socket buffers hold, so the replay
     // cannot finish while its client does not read.
-    sqlx::query("INSERT INTO messages (text) SELECT repeat('x', 8000) FROM generate_series(1, 5000) i")
-        .execute(&sql)
-        .await
-        .expect("bulk insert");
-    ws.events(5000).await;
-    q.wait_until_reader_recorded().await;
+    let (q, since) = position_then_one_big_transaction("repeat('x', 8000)", 5000).await;
     let mut resumed = q.ws().await;
     let reply = resumed.call("subscribe", "messages", json!({ "since": since })).await;
     assert_eq!(reply["result"]["since"], since, "{reply}");
