@@ -51,7 +51,9 @@ async fn schemathesis_finds_no_server_error_and_no_response_off_the_document() {
     let q = Quill::start_secure().await;
     let (_, token) = q.user("fuzzer@x.io", false).await;
     // Async: quill runs on this test's runtime and must answer meanwhile.
+    // Run from the temp directory: schemathesis keeps a cache where it runs.
     let out = tokio::process::Command::new("schemathesis")
+        .current_dir(std::env::temp_dir())
         .args([
             "run",
             &q.url("/openapi.json"),
