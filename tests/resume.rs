@@ -270,3 +270,63 @@ async fn an_unsubscribe_right_after_a_resume_ends_it() {
         }
     }
 }
+
+#[tokio::test]
+async fn positions_are_found_across_gaps_in_tick_ids() {
+    let q = Quill::start().await;
+    let sql = q.sql().await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    // Ticks made in transactions that roll back leave gaps in the ids, of every width.
+    for i in 0..40 {
+        insert_messages(&sql, i, i + 1).await;
+        let mut tx = sql.begin().await.expect("begin");
+        for _ in 0..(i % 5) {
+            sqlx::query("SELECT quill.make_tick()")
+                .execute(&mut *tx)
+                .await
+                .expect("tick");
+        }
+        tx.rollback().await.expect("rollback");
+        sqlx::query("SELECT quill.make_tick()")
+            .execute(&sql)
+            .await
+            .expect("tick");
+    }
+    let seqs: Vec<i64> = ws
+        .events(40)
+        .await
+        .iter()
+        .map(|e| e["seq"].as_i64().expect("seq"))
+        .collect();
+    let mut conn = sql.acquire().await.expect("connection");
+    sqlx::query("SET statement_timeout = '5s'")
+        .execute(&mut *conn)
+        .await
+        .expect("timeout");
+    for seq in seqs {
+        let tick: Option<i64> = sqlx::query_scalar("SELECT quill.tick_of($1)")
+            .bind(seq)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap_or_else(|e| panic!("tick_of({seq}) must end: {e}"));
+        let delivered: bool = sqlx::query_scalar(
+            "SELECT pg_visible_in_snapshot(c.xid, t.snapshot)
+                    AND NOT EXISTS (SELECT 1 FROM quill.tick p WHERE p.id < t.id AND pg_visible_in_snapshot(c.xid, p.snapshot))
+             FROM quill.change_log c, quill.tick t WHERE c.seq = $1 AND t.id = $2",
+        )
+        .bind(seq)
+        .bind(tick.expect("a tick"))
+        .fetch_one(&mut *conn)
+        .await
+        .expect("check");
+        assert!(
+            delivered,
+            "tick_of({seq}) = {tick:?} is not the first tick that shows it"
+        );
+    }
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut *conn)
+        .await
+        .expect("reset");
+}
