@@ -147,6 +147,9 @@ pub struct Limits {
     /// The most rows a `find` on a service with `paginate = false` returns (`$limit` may
     /// ask for fewer).
     pub max_find_rows: u64,
+    /// Snapshot subscriptions read at once (each holds a database connection while it
+    /// reads); more wait their turn. At most the pool size less one.
+    pub snapshots_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -161,6 +164,7 @@ impl Default for Limits {
             handshake_timeout_ms: 10_000,
             max_replay_changes: 1_000_000,
             max_find_rows: 10_000,
+            snapshots_in_flight: 4,
         }
     }
 }
@@ -590,9 +594,10 @@ impl Config {
             || l.write_timeout_ms == 0
             || l.handshake_timeout_ms == 0
             || l.max_find_rows == 0
+            || l.snapshots_in_flight == 0
         {
             return Err(ConfigError::Invalid(
-                "limits: calls_in_flight, max_connections, connections_per_address, ping_interval_ms, write_timeout_ms, handshake_timeout_ms and max_find_rows must be at least 1".into(),
+                "limits: calls_in_flight, max_connections, connections_per_address, ping_interval_ms, write_timeout_ms, handshake_timeout_ms, max_find_rows and snapshots_in_flight must be at least 1".into(),
             ));
         }
         if l.idle_timeout_ms <= l.ping_interval_ms {

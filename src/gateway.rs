@@ -178,6 +178,14 @@ pub async fn run_with(
         slow_consumer_timeout: config.slow_consumer_timeout(),
         limits: config.limits,
         connections: ConnectionLimiter::new(&config.limits),
+        // Leave the pool a connection for everything else.
+        snapshots: Arc::new(tokio::sync::Semaphore::new(
+            config
+                .limits
+                .snapshots_in_flight
+                .min(config.pool_size.saturating_sub(1) as usize)
+                .max(1),
+        )),
         shutdown: token.clone(),
     };
     let app = router(state);

@@ -35,7 +35,9 @@ pub mod pg_tls;
 pub mod pipeline;
 pub mod resume;
 pub mod service;
+pub mod snapshot;
 pub mod store;
+pub mod sync;
 pub mod transport;
 
 pub use config::Config;

@@ -40,6 +40,7 @@ pub async fn deliver<S: ChangeSource>(
                 }
                 // Healthy clients set the pace; the change log is the buffer, not memory.
                 hub.flush(slow_consumer_timeout).await;
+                hub.end_ticks_through(source.read_through());
                 if let Some(last) = changes.last() {
                     metrics.delivered_tick.set(last.tick);
                 }

@@ -8,6 +8,7 @@
 //! stops chasing: live events after the newest started tick are held back (a bounded
 //! number), the replay reads up to that tick, and the held events follow it.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -40,6 +41,9 @@ pub enum ResumeFailed {
     Overtaken,
     #[error(transparent)]
     Change(#[from] ChangeError),
+    /// The snapshot read failed (a database error, already made fit for the client).
+    #[error("the snapshot read failed: {0}")]
+    Read(crate::error::Error),
 }
 
 /// Finds where `since` stands, refusing a replay of more than `limit` changes.
@@ -61,37 +65,92 @@ pub fn register(hub: &Hub, conn: ConnId, service: &Service, subscription: Subscr
     hub.subscribe_replaying(conn, service.name.clone(), subscription)
 }
 
-/// Sends every change of `service` after `after` that the connection may see, through the
-/// same channels, filters and stripping as live events, then hands over to live delivery.
+/// Builds the frame that tells the client its copy is complete through a position (the
+/// seq it may resume from).
+pub type SyncedFrame = dyn Fn(i64) -> Frame + Send + Sync;
+
+/// Where a replay starts: after a position, leaving out changes the client already has.
+#[derive(Debug)]
+pub struct Start {
+    pub after: Position,
+    /// Seqs after `after` that the client has from its snapshot.
+    pub skip: HashSet<i64>,
+}
+
+/// A replaying subscription, where a replay (or a snapshot) sends its frames.
+#[derive(Clone, Copy)]
+pub struct Subscriber<'a> {
+    pub hub: &'a Hub,
+    pub conn: ConnId,
+    pub service: &'a Service,
+    /// The replay the subscription was registered with ([`register`]).
+    pub replay: ReplayId,
+    /// The connection's queue.
+    pub frames: &'a Sender<Frame>,
+}
+
+/// Sends every change of the service after `start` that the connection may see, through
+/// the same channels, filters and stripping as live events, then hands over to live
+/// delivery, queuing `synced` (if given) at the hand-over point, ahead of every live event.
 /// Returns when the subscription is live, or `Ok` early when the connection went away or
 /// another subscribe superseded this replay.
 pub async fn replay(
-    hub: &Hub,
+    to: Subscriber<'_>,
     pool: PgPool,
-    conn: ConnId,
-    service: &Service,
-    id: ReplayId,
-    after: Position,
-    frames: &Sender<Frame>,
+    start: Start,
+    synced: Option<&SyncedFrame>,
 ) -> Result<(), ResumeFailed> {
-    let mut replay = Replay::new(pool, after).await?;
-    let mut until = caught_up_to(hub, after.tick).await?;
+    let Subscriber {
+        hub,
+        conn,
+        service,
+        replay: id,
+        frames,
+    } = to;
+    let mut replay = Replay::new(pool.clone(), start.after).await?.skipping(start.skip);
+    let mut until = caught_up_to(hub, start.after.tick).await?;
     let mut pass = 0;
     loop {
         pass += 1;
         replay.extend_to(until);
-        if !send_pages(hub, &mut replay, conn, service, id, frames).await? {
+        if !send_pages(to, &mut replay).await? {
             return Ok(());
         }
-        match hub.go_live(conn, &service.name, id, until, pass >= FREE_PASSES) {
+        if replay.skips_ahead() {
+            // A change the snapshot holds is in a tick not yet read (or made).
+            until = caught_up_to(hub, until + 1).await?;
+            continue;
+        }
+        let marker = match synced {
+            Some(synced) => {
+                let seq = change::last_seq_of_tick(&pool, until).await?;
+                let Ok(permit) = frames.reserve().await else {
+                    return Ok(());
+                };
+                Some((permit, synced(seq)))
+            }
+            None => None,
+        };
+        match hub.go_live(conn, &service.name, id, until, pass >= FREE_PASSES, marker) {
             HandOver::Live | HandOver::Superseded => return Ok(()),
             HandOver::NotYet => until = hub.started_tick(),
             HandOver::ReadThrough(last) => {
-                // Live events after `last` are held meanwhile; this pass is bounded.
+                // Live events after `last` are held meanwhile; this pass is bounded, and
+                // nothing live comes between it, the marker and the held events.
                 replay.extend_to(last);
-                if send_pages(hub, &mut replay, conn, service, id, frames).await? {
-                    send_held(hub, conn, service, id, frames).await;
+                if !send_pages(to, &mut replay).await? {
+                    return Ok(());
                 }
+                if let Some(synced) = synced {
+                    let seq = change::last_seq_of_tick(&pool, last).await?;
+                    let Ok(permit) = frames.reserve().await else {
+                        return Ok(());
+                    };
+                    if !hub.replay_frame(conn, &service.name, id, permit, synced(seq)) {
+                        return Ok(());
+                    }
+                }
+                send_held(to).await;
                 return Ok(());
             }
         }
@@ -100,26 +159,20 @@ pub async fn replay(
 
 /// Sends the replay's pages up to its `extend_to` tick; false when it must stop (the
 /// connection left, or the subscription is no longer this replay's).
-async fn send_pages(
-    hub: &Hub,
-    replay: &mut Replay,
-    conn: ConnId,
-    service: &Service,
-    id: ReplayId,
-    frames: &Sender<Frame>,
-) -> Result<bool, ResumeFailed> {
-    let table = service.table();
+async fn send_pages(to: Subscriber<'_>, replay: &mut Replay) -> Result<bool, ResumeFailed> {
+    let table = to.service.table();
     while let Some(page) = replay.next_page().await.map_err(gone_if_overtaken)? {
         for change in page {
             if change.table_schema != table.schema || change.table_name != table.name {
                 continue;
             }
-            let event = event_for(&change, service);
+            let event = event_for(&change, to.service);
             // Room first (the connection's pace), then the check and the send at once.
-            let Ok(permit) = frames.reserve().await else {
+            let Ok(permit) = to.frames.reserve().await else {
                 return Ok(false);
             };
-            match hub.replay_event(conn, id, &mut service.policy.prepare(&event), permit) {
+            let mut prepared = to.service.policy.prepare(&event);
+            match to.hub.replay_event(to.conn, to.replay, &mut prepared, permit) {
                 Replayed::Sent | Replayed::Skip => {}
                 Replayed::Stop => return Ok(false),
             }
@@ -130,15 +183,15 @@ async fn send_pages(
 
 /// Sends the live events held during the last pass, at the connection's pace, until none
 /// is left and the subscription is live.
-async fn send_held(hub: &Hub, conn: ConnId, service: &Service, id: ReplayId, frames: &Sender<Frame>) {
+async fn send_held(to: Subscriber<'_>) {
     loop {
-        match hub.release(conn, &service.name, id) {
+        match to.hub.release(to.conn, &to.service.name, to.replay) {
             Released::More(held) => {
                 for frame in held {
-                    if frames.send(frame).await.is_err() {
+                    if to.frames.send(frame).await.is_err() {
                         return;
                     }
-                    hub.metrics().events_delivered.inc();
+                    to.hub.metrics().events_delivered.inc();
                 }
             }
             Released::Live | Released::Gone => return,

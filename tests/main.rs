@@ -15,6 +15,7 @@ mod openapi;
 mod properties;
 mod reader;
 mod recovery;
+mod replica;
 mod rest_crud;
 mod rest_query;
 mod resume;

@@ -18,26 +18,7 @@ use sqlx::{Connection, PgConnection, Row};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{Quill, WAIT, open_demo, pg::TestDb};
-
-/// splitmix64: tiny, and the same sequence for a seed on every machine and crate version.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+use crate::support::{Quill, Rng, WAIT, open_demo, pg::TestDb, seeds};
 
 /// One change as a client sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -489,15 +470,7 @@ async fn wait_for(c: &Client, n: usize) {
 
 #[tokio::test]
 async fn random_interleavings_with_kills_restarts_and_resumes_deliver_the_commit_order_projection() {
-    let seeds: Vec<u64> = match std::env::var("QUILL_MODEL_SEED") {
-        Ok(seed) => vec![seed.parse().expect("QUILL_MODEL_SEED is a number")],
-        Err(_) => {
-            let base = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64);
-            vec![base, base.wrapping_mul(31).wrapping_add(7), base.rotate_left(17)]
-        }
-    };
+    let seeds = seeds("QUILL_MODEL_SEED", 3);
     for seed in seeds {
         run_model(seed).await;
     }

@@ -3,13 +3,13 @@
 //! A [`TickCursor`] walks ticks in order and returns each tick's changes in pages; the live
 //! [`LogReader`] and a client's resume ([`Replay`]) both use it.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use sqlx::PgPool;
 use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -289,6 +289,10 @@ impl LogReader {
 }
 
 impl ChangeSource for LogReader {
+    fn read_through(&self) -> i64 {
+        self.cursor.read_through()
+    }
+
     async fn next_batch(&mut self) -> Result<Vec<Change>, ChangeError> {
         loop {
             match self.cursor.next_page(&self.pool).await {
@@ -425,6 +429,96 @@ pub async fn newest_seq(pool: &PgPool) -> Result<i64, ChangeError> {
         .await?)
 }
 
+/// Where a consistent read of the data tables stands in the change log. Taken as the first
+/// statement of a REPEATABLE READ transaction, whose snapshot `S` every later read shares.
+///
+/// Every tick the transaction sees was taken before `S`, so every change of ticks up to
+/// [`SnapshotPoint::tick`] is in the read. A later tick may hold changes that committed
+/// between that tick's snapshot and `S`: those are in the read too, and [`SnapshotPoint::skip`]
+/// lists them, so that a replay from the tick sends each change exactly once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotPoint {
+    pub tick: i64,
+    /// Seqs of the table's changes that are in the read but delivered after `tick`.
+    pub skip: HashSet<i64>,
+}
+
+/// Takes the snapshot point of the transaction on `conn` (see [`SnapshotPoint`]) for one
+/// table's changes. Must be the transaction's first statement.
+pub async fn snapshot_point(conn: &mut PgConnection, schema: &str, table: &str) -> Result<SnapshotPoint, ChangeError> {
+    let tick: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM quill.tick")
+        .fetch_one(&mut *conn)
+        .await?;
+    // Committed after the tick's snapshot and before the read's: not in the tick, yet
+    // visible here (this statement sees exactly the read's snapshot).
+    let skip: Vec<i64> = sqlx::query_scalar(
+        "SELECT c.seq FROM quill.change_log c, quill.tick t
+         WHERE t.id = $1
+           AND c.xid >= pg_snapshot_xmin(t.snapshot)
+           AND NOT pg_visible_in_snapshot(c.xid, t.snapshot)
+           AND c.table_schema = $2 AND c.table_name = $3",
+    )
+    .bind(tick)
+    .bind(schema)
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(SnapshotPoint {
+        tick,
+        skip: skip.into_iter().collect(),
+    })
+}
+
+/// The resume position of "every change through `tick`": the newest seq of its batch, or 0
+/// when the tick holds none any more (a resume from 0 gets a fresh snapshot).
+pub async fn last_seq_of_tick(pool: &PgPool, tick: i64) -> Result<i64, ChangeError> {
+    let seq: Option<i64> = sqlx::query_scalar("SELECT quill.last_seq_of_tick($1)")
+        .bind(tick)
+        .fetch_one(pool)
+        .await?;
+    Ok(seq.unwrap_or(0))
+}
+
+/// Where a transaction stands for delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxDelivery {
+    /// Nothing of it is to be delivered (it logged no change, rolled back, or its changes
+    /// were delivered long ago and pruned).
+    Nothing,
+    /// Its changes are in this tick.
+    InTick(i64),
+    /// Still running, or committed and not yet in a tick.
+    NotYet,
+}
+
+/// Why a transaction id cannot be waited for.
+#[derive(Debug, thiserror::Error)]
+pub enum TxidError {
+    #[error("transaction {0} has not started yet")]
+    Future(u64),
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+}
+
+/// Finds the tick that delivers the changes of transaction `txid`.
+pub async fn tx_delivery(pool: &PgPool, txid: u64) -> Result<TxDelivery, TxidError> {
+    let (future, logged, tick): (bool, bool, Option<i64>) = sqlx::query_as(
+        "SELECT $1::text::xid8 >= pg_snapshot_xmax(pg_current_snapshot()),
+                EXISTS (SELECT 1 FROM quill.change_log WHERE xid = $1::text::xid8),
+                quill.tick_of_xid($1::text::xid8)",
+    )
+    .bind(txid.to_string())
+    .fetch_one(pool)
+    .await
+    .map_err(ChangeError::from)?;
+    Ok(match (future, logged, tick) {
+        (true, _, _) => return Err(TxidError::Future(txid)),
+        (_, false, _) => TxDelivery::Nothing,
+        (_, true, Some(tick)) => TxDelivery::InTick(tick),
+        (_, true, None) => TxDelivery::NotYet,
+    })
+}
+
 /// The changes after a position, in delivery order: what a resuming client missed. It reads
 /// up to a tick that the caller moves forward ([`Replay::extend_to`]) until it meets live
 /// delivery: many small ticks in one round trip, a big one page by page, so any span
@@ -434,6 +528,8 @@ pub struct Replay {
     cursor: TickCursor,
     after: Position,
     until: i64,
+    /// Changes the client already has (they were in its snapshot).
+    skip: HashSet<i64>,
 }
 
 impl Replay {
@@ -443,13 +539,31 @@ impl Replay {
             .bind(after.tick)
             .fetch_one(&pool)
             .await?;
-        let prev = prev.unwrap_or(0);
+        // After the whole of a tick (a snapshot's position): its batch need not be read.
+        let prev = if after.seq == i64::MAX {
+            after.tick
+        } else {
+            prev.unwrap_or(0)
+        };
         Ok(Replay {
             pool,
             cursor: TickCursor::after(prev),
             after,
             until: prev,
+            skip: HashSet::new(),
         })
+    }
+
+    /// Leaves out these changes (the client has them from a snapshot).
+    pub fn skipping(mut self, skip: HashSet<i64>) -> Self {
+        self.skip = skip;
+        self
+    }
+
+    /// Whether some change to leave out has not been read yet: it is in a later tick, so
+    /// the replay must read on before handing over, or live delivery would send it.
+    pub fn skips_ahead(&self) -> bool {
+        !self.skip.is_empty()
     }
 
     /// Lets the replay read up to and including `tick`.
@@ -513,6 +627,7 @@ impl Replay {
                     tick: c.tick,
                     seq: c.seq,
                 } > after
+                    && !self.skip.remove(&c.seq)
             });
             if !page.is_empty() {
                 return Ok(Some(page));

@@ -15,7 +15,10 @@ use std::future::Future;
 use serde_json::Value;
 
 pub use listener::{Wakeups, run_listener};
-pub use log::{LogReader, Replay, ResumeError, locate, newest_seq};
+pub use log::{
+    LogReader, Replay, ResumeError, SnapshotPoint, TxDelivery, TxidError, last_seq_of_tick, locate, newest_seq,
+    snapshot_point, tx_delivery,
+};
 
 use crate::event::EventKind;
 
@@ -67,4 +70,7 @@ impl ChangeError {
 pub trait ChangeSource: Send {
     /// The next non-empty batch, waiting as long as needed.
     fn next_batch(&mut self) -> impl Future<Output = Result<Vec<Change>, ChangeError>> + Send;
+
+    /// The tick through which every change has been returned.
+    fn read_through(&self) -> i64;
 }

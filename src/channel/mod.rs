@@ -201,6 +201,15 @@ impl Prepared<'_> {
         self.rendered(view, None)
     }
 
+    /// The event's row as a reader with this view sees it.
+    pub fn row_in_view(&self, view: u64) -> Value {
+        let mut data = self.event.data.clone();
+        if !self.policy.visibility.is_full(view) {
+            self.policy.visibility.apply(&mut data, view);
+        }
+        data
+    }
+
     /// The event for a subscriber whose scope the row just entered: the full row (for its
     /// view), marked `"moved": "in"`.
     pub fn moved_in_frame(&mut self, view: u64) -> Arc<RenderedEvent> {

@@ -122,6 +122,7 @@ fn was_reached(member: &Member, prepared: &Prepared<'_>) -> bool {
 }
 
 /// Where an event leaves a subscriber's view of the service.
+#[derive(Debug, PartialEq, Eq)]
 enum Scope {
     /// The row is in scope: the event as it is.
     In,
@@ -177,6 +178,10 @@ pub struct Hub {
     /// The newest tick whose events have started to be published.
     started_tick: AtomicI64,
     ticks: tokio::sync::Notify,
+    /// The newest tick whose events have all been offered to every connection.
+    ended_tick: AtomicI64,
+    /// Wakes waiters for delivery progress: a tick ended, a replay handed over.
+    progress: tokio::sync::Notify,
     /// The connections with parked frames, so that `flush` visits those, not everyone.
     parked: Mutex<Vec<ConnId>>,
     metrics: Arc<Metrics>,
@@ -209,6 +214,8 @@ impl Hub {
             next_id: AtomicU64::new(0),
             started_tick: AtomicI64::new(0),
             ticks: tokio::sync::Notify::new(),
+            ended_tick: AtomicI64::new(0),
+            progress: tokio::sync::Notify::new(),
             parked: Mutex::new(Vec::new()),
             metrics,
         })
@@ -339,6 +346,9 @@ impl Hub {
     /// [`Hub::release`]; without, nothing changes and the replay may try again. Live events
     /// of ticks up to the hand-over tick stay dropped, so a tick that is half published at
     /// the hand-over is neither lost nor repeated.
+    ///
+    /// `synced` is queued at the hand-over, ahead of every live event (a snapshot's
+    /// `synced` frame, with room for it reserved in the connection's queue).
     pub fn go_live(
         &self,
         conn: ConnId,
@@ -346,6 +356,7 @@ impl Hub {
         replay: ReplayId,
         replayed_through: i64,
         hold: bool,
+        synced: Option<(mpsc::Permit<'_, Frame>, Frame)>,
     ) -> HandOver {
         // The write lock waits for any publish in flight: no event is being offered while
         // the position is compared and the hand-over point is set.
@@ -356,6 +367,10 @@ impl Hub {
         let started = self.started_tick.load(Ordering::SeqCst);
         if started <= replayed_through {
             resuming.live_after.store(replayed_through, Ordering::SeqCst);
+            if let Some((permit, frame)) = synced {
+                permit.send(frame);
+            }
+            self.progress.notify_waiters();
             return HandOver::Live;
         }
         if !hold {
@@ -398,6 +413,7 @@ impl Hub {
             Some(frames) if !frames.is_empty() => Released::More(std::mem::take(frames)),
             _ => {
                 *held = None;
+                self.progress.notify_waiters();
                 Released::Live
             }
         }
@@ -446,6 +462,104 @@ impl Hub {
         if self.started_tick.fetch_max(tick, Ordering::SeqCst) < tick {
             self.ticks.notify_waiters();
         }
+    }
+
+    /// Records that every event of the ticks up to `tick` has been offered.
+    pub fn end_ticks_through(&self, tick: i64) {
+        // Also when the tick is the same: parked frames were just flushed.
+        self.ended_tick.fetch_max(tick, Ordering::SeqCst);
+        self.progress.notify_waiters();
+    }
+
+    /// Resolves when a tick ends or a replay hands over (create it before checking, so
+    /// that no progress is missed).
+    pub fn progressed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.progress.notified()
+    }
+
+    /// Queues `frame` for a connection once every event of `tick` and earlier ticks of
+    /// `service` has been queued for it, so the client knows its copy reflects them. The
+    /// check and the send happen under the hub's lock; `NotYet` when delivery has not got
+    /// there (wait for [`Hub::progressed`] and try again).
+    pub fn mark_delivered(
+        &self,
+        conn: ConnId,
+        service: &str,
+        tick: i64,
+        permit: mpsc::Permit<'_, Frame>,
+        frame: Frame,
+    ) -> Marked {
+        let state = self.read();
+        let Some(member) = state.members.get(&conn) else {
+            return Marked::Gone;
+        };
+        let Some(sub) = member.subscriptions.get(service) else {
+            return Marked::NotSubscribed;
+        };
+        let live = sub.resuming.as_ref().is_none_or(|r| {
+            r.live_after.load(Ordering::SeqCst) != i64::MAX && r.held.lock().is_ok_and(|h| h.is_none())
+        });
+        // Frames parked in the overflow would come after the mark: wait for the flush.
+        let parked = member.overflow.lock().map_or(true, |o| !o.is_empty());
+        if !live || parked || self.ended_tick.load(Ordering::SeqCst) < tick {
+            return Marked::NotYet;
+        }
+        permit.send(frame);
+        Marked::Sent
+    }
+
+    /// Queues a frame of a replay (its `synced` after the last pass) if the subscription is
+    /// still that replay's; false when it is not.
+    pub fn replay_frame(
+        &self,
+        conn: ConnId,
+        service: &str,
+        replay: ReplayId,
+        permit: mpsc::Permit<'_, Frame>,
+        frame: Frame,
+    ) -> bool {
+        let state = self.read();
+        if resuming(&state, conn, service, replay).is_none() {
+            return false;
+        }
+        permit.send(frame);
+        true
+    }
+
+    /// Queues one snapshot page for a connection: the rows it may see (channels, filters,
+    /// query and view, as for a live `created`), in the frame `render` makes of them, if the
+    /// subscription is still this replay's (checked and sent under the hub's lock).
+    pub fn snapshot_page(
+        &self,
+        conn: ConnId,
+        replay: ReplayId,
+        service: &str,
+        rows: &mut [Prepared<'_>],
+        permit: mpsc::Permit<'_, Frame>,
+        render: impl FnOnce(Vec<serde_json::Value>) -> Frame,
+    ) -> Replayed {
+        let state = self.read();
+        let Some(member) = state.members.get(&conn) else {
+            return Replayed::Stop;
+        };
+        let Some(sub) = member
+            .subscriptions
+            .get(service)
+            .filter(|s| s.resuming.as_ref().is_some_and(|r| r.replay == replay))
+        else {
+            return Replayed::Stop;
+        };
+        let user = member.principal.as_deref();
+        let visible = rows
+            .iter()
+            .filter(|prepared| may_filter(member, sub, prepared))
+            .filter_map(|prepared| {
+                let view = prepared.view_for(user)?;
+                (scope(member, sub, prepared, true) == Scope::In).then(|| prepared.row_in_view(view))
+            })
+            .collect();
+        permit.send(render(visible));
+        Replayed::Sent
     }
 
     /// Resolves when a later tick starts publishing (create it before reading
@@ -711,6 +825,17 @@ pub enum Released {
     /// Nothing was held: live from now on.
     Live,
     /// The replay's subscription is gone.
+    Gone,
+}
+
+/// What [`Hub::mark_delivered`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Marked {
+    Sent,
+    NotYet,
+    /// The connection has no subscription to the service.
+    NotSubscribed,
+    /// The connection left.
     Gone,
 }
 

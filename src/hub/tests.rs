@@ -126,8 +126,8 @@ async fn a_replaying_subscription_drops_live_events_until_it_goes_live_after_its
     // Tick 6 started while the replay read up to 5: not yet live.
     hub.begin_tick(6);
     publish(&hub, &p, &at(6, 60));
-    assert_eq!(hub.go_live(m.id, "messages", replay, 5, false), HandOver::NotYet);
-    assert_eq!(hub.go_live(m.id, "messages", replay, 6, false), HandOver::Live);
+    assert_eq!(hub.go_live(m.id, "messages", replay, 5, false, None), HandOver::NotYet);
+    assert_eq!(hub.go_live(m.id, "messages", replay, 6, false, None), HandOver::Live);
     // The rest of tick 6 is the replay's too; tick 7 is live.
     publish(&hub, &p, &at(6, 61));
     hub.begin_tick(7);
@@ -147,7 +147,10 @@ async fn a_last_pass_holds_later_live_events_and_queues_them_after_the_replay() 
     // The replay read up to 5; 6 started and is half published.
     hub.begin_tick(6);
     publish(&hub, &p, &at(6, 60));
-    assert_eq!(hub.go_live(m.id, "messages", replay, 5, true), HandOver::ReadThrough(6));
+    assert_eq!(
+        hub.go_live(m.id, "messages", replay, 5, true, None),
+        HandOver::ReadThrough(6)
+    );
     publish(&hub, &p, &at(6, 61)); // the replay's: it reads through 6
     hub.begin_tick(7);
     publish(&hub, &p, &at(7, 70)); // held
@@ -189,7 +192,10 @@ async fn a_later_subscribe_supersedes_a_running_replay() {
     };
     assert!(matches!(replay(first), Replayed::Stop));
     assert!(matches!(replay(second), Replayed::Sent));
-    assert_eq!(hub.go_live(m.id, "messages", first, 1, true), HandOver::Superseded);
+    assert_eq!(
+        hub.go_live(m.id, "messages", first, 1, true, None),
+        HandOver::Superseded
+    );
     // A plain subscribe supersedes it too.
     hub.subscribe(m.id, Arc::from("messages"), all());
     assert!(matches!(replay(second), Replayed::Stop));

@@ -363,6 +363,12 @@ impl Service {
         Ok(())
     }
 
+    /// Whether the caller may read the service's rows at all (its `find` rules), as a
+    /// snapshot does; which rows it gets is then up to its channels.
+    pub fn check_readable(&self, caller: Option<&Principal>) -> Result<(), Error> {
+        self.access(Method::Find).check(caller).map(|_| ())
+    }
+
     pub(super) fn access(&self, method: Method) -> &MethodAccess {
         let name = METHODS.iter().find(|(_, m)| *m == method).map_or("find", |(n, _)| n);
         // Every method is inserted by `build`.

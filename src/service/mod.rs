@@ -21,7 +21,7 @@ pub use definition::{Service, ServiceExtensions, Stamp};
 use crate::auth::{AuthSetupError, Authenticated, Authenticator, Principal, password};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::{CaptureError, CatalogError, KeyKind, Store, Table, Target, WriteMode, install_capture};
+use crate::store::{CaptureError, CatalogError, KeyKind, Store, Table, Target, WriteMode, Written, install_capture};
 use access::Grant;
 use query::{CompareOp, Condition, Query};
 use users::UsersTable;
@@ -67,6 +67,38 @@ pub struct ServiceCall {
 }
 
 /// Why the services could not be set up at start-up.
+/// What a call answers: its result, and for a write the id of the transaction that wrote it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub result: Value,
+    pub txid: Option<u64>,
+}
+
+impl From<Value> for Outcome {
+    fn from(result: Value) -> Self {
+        Self { result, txid: None }
+    }
+}
+
+impl From<Written> for Outcome {
+    /// Many rows: the array of them.
+    fn from(written: Written) -> Self {
+        Self {
+            result: Value::Array(written.rows),
+            txid: written.txid,
+        }
+    }
+}
+
+/// The one row a single-row write returned (the last, if several), with its txid.
+fn one(mut written: Written) -> Option<Outcome> {
+    let row = written.rows.pop()?;
+    Some(Outcome {
+        result: row,
+        txid: written.txid,
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error(transparent)]
@@ -226,7 +258,7 @@ impl Services {
 
     /// Runs one method call: access rules, then Feathers semantics, then what the caller
     /// may see of the result.
-    pub async fn call(&self, call: ServiceCall) -> Result<Value> {
+    pub async fn call(&self, call: ServiceCall) -> Result<Outcome> {
         match self.call_once(call.clone()).await {
             // The table changed under us: read it again and try once more.
             Err(e) if e.schema_changed => {
@@ -322,7 +354,7 @@ impl Services {
         Ok(())
     }
 
-    async fn call_once(&self, call: ServiceCall) -> Result<Value> {
+    async fn call_once(&self, call: ServiceCall) -> Result<Outcome> {
         let service = self
             .by_name
             .get(&call.service)
@@ -381,7 +413,7 @@ impl Services {
             }
             (outcome, _, _) => outcome?,
         };
-        present(service, &mut result, query.select.as_deref(), caller);
+        present(service, &mut result.result, query.select.as_deref(), caller);
         Ok(result)
     }
 
@@ -395,13 +427,13 @@ impl Services {
         data: Option<Value>,
         caller: Option<&Principal>,
         grant: &Grant,
-    ) -> Result<Value> {
+    ) -> Result<Outcome> {
         let table = &service.table();
         Ok(match method {
-            Method::Find => self.find(service, query).await?,
+            Method::Find => self.find(service, query).await?.into(),
             Method::Get => {
                 let id = id.ok_or_else(|| Error::bad_request("get needs an id"))?;
-                self.get_one(service, query, id).await?
+                self.get_one(service, query, id).await?.into()
             }
             Method::Create => self.create(service, data, caller, grant).await?,
             Method::Update => {
@@ -426,9 +458,9 @@ impl Services {
                             filter: &query.filter,
                         };
                         if data.is_empty() {
-                            Value::Array(self.store.select(table, query, None, None).await?)
+                            Value::Array(self.store.select(table, query, None, None).await?).into()
                         } else {
-                            Value::Array(self.store.update(table, target, &data, WriteMode::Patch).await?)
+                            self.store.update(table, target, &data, WriteMode::Patch).await?.into()
                         }
                     }
                 }
@@ -439,8 +471,7 @@ impl Services {
                         id: Some(id),
                         filter: &query.filter,
                     };
-                    let mut rows = self.store.delete(table, target).await?;
-                    rows.pop().ok_or_else(|| no_record(id))?
+                    one(self.store.delete(table, target).await?).ok_or_else(|| no_record(id))?
                 }
                 None => {
                     if !service.multi.allows("remove") {
@@ -450,7 +481,7 @@ impl Services {
                         id: None,
                         filter: &query.filter,
                     };
-                    Value::Array(self.store.delete(table, target).await?)
+                    self.store.delete(table, target).await?.into()
                 }
             },
         })
@@ -488,7 +519,7 @@ impl Services {
         data: Option<Value>,
         caller: Option<&Principal>,
         grant: &Grant,
-    ) -> Result<Value> {
+    ) -> Result<Outcome> {
         let (items, many) = match data {
             Some(Value::Object(row)) => (vec![row], false),
             Some(Value::Array(items)) => {
@@ -522,11 +553,11 @@ impl Services {
             }
             rows.push(row);
         }
-        let mut created = self.store.insert(&service.table(), &rows).await?;
+        let created = self.store.insert(&service.table(), &rows).await?;
         if many {
-            Ok(Value::Array(created))
+            Ok(created.into())
         } else {
-            created.pop().ok_or_else(|| Error::general("insert returned no row"))
+            one(created).ok_or_else(|| Error::general("insert returned no row"))
         }
     }
 
@@ -537,16 +568,16 @@ impl Services {
         id: &str,
         data: &Map<String, Value>,
         mode: WriteMode<'_>,
-    ) -> Result<Value> {
+    ) -> Result<Outcome> {
         if data.is_empty() && mode == WriteMode::Patch {
-            return self.get_one(service, query, id).await;
+            return self.get_one(service, query, id).await.map(Outcome::from);
         }
         let target = Target {
             id: Some(id),
             filter: &query.filter,
         };
-        let mut rows = self.store.update(&service.table(), target, data, mode).await?;
-        rows.pop().ok_or_else(|| no_record(id))
+        let written = self.store.update(&service.table(), target, data, mode).await?;
+        one(written).ok_or_else(|| no_record(id))
     }
 }
 

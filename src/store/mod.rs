@@ -7,9 +7,9 @@ mod sql;
 
 use serde_json::{Map, Value};
 use sqlx::postgres::{PgArguments, PgDatabaseError};
-use sqlx::query::QueryScalar;
+use sqlx::query::{QueryAs, QueryScalar};
 use sqlx::types::Json;
-use sqlx::{AssertSqlSafe, PgPool, Postgres};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres};
 
 pub use capture::{CaptureError, install_capture};
 pub use catalog::{CatalogError, Column, KeyKind, Table};
@@ -55,22 +55,21 @@ impl Store {
     }
 
     /// Inserts rows; several rows go in one transaction, so either all or none are written.
-    pub async fn insert(&self, table: &Table, items: &[Map<String, Value>]) -> Result<Vec<Value>> {
+    pub async fn insert(&self, table: &Table, items: &[Map<String, Value>]) -> Result<Written> {
         if let [item] = items {
             // One statement is atomic by itself: no BEGIN and COMMIT round trips.
             let st = sql::insert(table, item);
-            let row = rows(&st).fetch_one(&self.pool).await.map_err(db_error)?;
-            return Ok(vec![row.0]);
+            let row = written(&st).fetch_one(&self.pool).await.map_err(db_error)?;
+            return Ok(Written::from(vec![row]));
         }
         let mut tx = self.pool.begin().await.map_err(db_error)?;
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             let st = sql::insert(table, item);
-            let row = rows(&st).fetch_one(&mut *tx).await.map_err(db_error)?;
-            out.push(row.0);
+            out.push(written(&st).fetch_one(&mut *tx).await.map_err(db_error)?);
         }
         tx.commit().await.map_err(db_error)?;
-        Ok(out)
+        Ok(Written::from(out))
     }
 
     pub async fn update(
@@ -79,15 +78,84 @@ impl Store {
         target: Target<'_>,
         row: &Map<String, Value>,
         mode: WriteMode<'_>,
-    ) -> Result<Vec<Value>> {
+    ) -> Result<Written> {
         let st = sql::update(table, target, row, mode);
-        rows(&st).fetch_all(&self.pool).await.map(unwrap_rows).map_err(db_error)
+        written(&st)
+            .fetch_all(&self.pool)
+            .await
+            .map(Written::from)
+            .map_err(db_error)
     }
 
-    pub async fn delete(&self, table: &Table, target: Target<'_>) -> Result<Vec<Value>> {
+    pub async fn delete(&self, table: &Table, target: Target<'_>) -> Result<Written> {
         let st = sql::delete(table, target);
-        rows(&st).fetch_all(&self.pool).await.map(unwrap_rows).map_err(db_error)
+        written(&st)
+            .fetch_all(&self.pool)
+            .await
+            .map(Written::from)
+            .map_err(db_error)
     }
+}
+
+/// The rows a write returned, and the id of the transaction that wrote them (`None` when
+/// it wrote no row): a client may wait until that transaction reaches its subscriptions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    pub rows: Vec<Value>,
+    pub txid: Option<u64>,
+}
+
+impl From<Vec<(Json<Value>, String)>> for Written {
+    fn from(rows: Vec<(Json<Value>, String)>) -> Self {
+        let txid = rows.first().and_then(|(_, txid)| txid.parse().ok());
+        Self {
+            rows: rows.into_iter().map(|(row, _)| row.0).collect(),
+            txid,
+        }
+    }
+}
+
+/// A write statement (ending in `RETURNING row_to_json(t)`) that also returns its
+/// transaction's id.
+fn written(st: &Statement) -> QueryAs<'_, Postgres, (Json<Value>, String), PgArguments> {
+    let sql = format!("{}, pg_current_xact_id()::text", st.sql);
+    let mut q = sqlx::query_as::<_, (Json<Value>, String)>(AssertSqlSafe(sql));
+    for b in &st.binds {
+        q = match b {
+            Bind::Text(s) => q.bind(s.as_str()),
+            Bind::TextArray(items) => q.bind(items.as_slice()),
+            Bind::Json(v) => q.bind(Json(v)),
+            Bind::Int(n) => q.bind(*n),
+        };
+    }
+    q
+}
+
+/// The cursor a snapshot reads through (one per transaction).
+const SCAN_CURSOR: &str = "quill_scan";
+
+/// Opens a cursor over every row matching `filter`, in id order, in the transaction on
+/// `conn`: [`scan_page`] then reads it page by page, so a table of any size is read in
+/// bounded memory, all in the transaction's snapshot.
+pub async fn open_scan(conn: &mut PgConnection, table: &Table, filter: &[Condition]) -> Result<()> {
+    let query = Query {
+        filter: filter.to_vec(),
+        ..Query::default()
+    };
+    let mut st = sql::select(table, &query, None, None);
+    st.sql = format!("DECLARE {SCAN_CURSOR} NO SCROLL CURSOR FOR {}", st.sql);
+    rows(&st).fetch_all(&mut *conn).await.map_err(db_error)?;
+    Ok(())
+}
+
+/// The next `size` rows of the cursor [`open_scan`] opened; fewer (or none) at the end.
+pub async fn scan_page(conn: &mut PgConnection, size: u32) -> Result<Vec<Value>> {
+    let sql = format!("FETCH {size} FROM {SCAN_CURSOR}");
+    sqlx::query_scalar::<_, Json<Value>>(AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await
+        .map(unwrap_rows)
+        .map_err(db_error)
 }
 
 fn rows(st: &Statement) -> QueryScalar<'_, Postgres, Json<Value>, PgArguments> {

@@ -43,6 +43,8 @@ pub struct AppState {
     pub slow_consumer_timeout: std::time::Duration,
     pub limits: Limits,
     pub connections: Arc<ConnectionLimiter>,
+    /// Turns for snapshot reads (`limits.snapshots_in_flight`).
+    pub snapshots: Arc<tokio::sync::Semaphore>,
     pub shutdown: CancellationToken,
 }
 

@@ -38,6 +38,9 @@ pub(super) async fn not_found() -> Response {
     error_response(&Error::not_found("Page not found"))
 }
 
+/// The response header that carries a write's transaction id.
+const TXID_HEADER: &str = "x-quill-txid";
+
 /// The request's parts every method needs.
 struct Request {
     headers: HeaderMap,
@@ -160,13 +163,18 @@ async fn run(
             .await
     };
     match call.await {
-        Ok(result) => {
+        Ok(outcome) => {
             let status = if method == Method::Create {
                 StatusCode::CREATED
             } else {
                 StatusCode::OK
             };
-            (status, axum::Json(result)).into_response()
+            let mut response = (status, axum::Json(outcome.result)).into_response();
+            // The writing transaction, for a client that waits for its write (see `sync`).
+            if let Some(txid) = outcome.txid {
+                response.headers_mut().insert(TXID_HEADER, txid.into());
+            }
+            response
         }
         Err(e) => error_response(&e),
     }

@@ -263,6 +263,7 @@ async fn dispatch(state: &AppState, conn: &Conn, event: &str, args: Result<Vec<V
             address: conn.auth.peer(),
         })
         .await
+        .map(|outcome| outcome.result)
 }
 
 /// All the arguments of an event as loose JSON. Never fails, so every call gets an ack:

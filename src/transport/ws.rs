@@ -6,6 +6,7 @@
 //! `{"event", "service", "data", "seq"}`. The session is generic over a Sink/Stream of
 //! [`Inbound`]/[`Outbound`] so that it does not depend on axum.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,9 +29,11 @@ use crate::change::ResumeError;
 use crate::error::{Error, ErrorKind};
 use crate::event::EventKind;
 use crate::hub::{ConnId, Cutoff, Frame, Kick, KindSet, ReplayId, Subscription};
-use crate::resume::{self, ResumeFailed};
+use crate::resume::{self, ResumeFailed, Start, Subscriber};
 use crate::service::query::Query;
-use crate::service::{Method, Service, ServiceCall};
+use crate::service::{Method, Outcome, Service, ServiceCall};
+use crate::snapshot::Snapshot;
+use crate::sync::{self, SyncFailed};
 
 /// Close code for a connection cut off because it did not read fast enough.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
@@ -338,30 +341,32 @@ impl Session<'_> {
         let reply = match (method.as_str(), service.as_str()) {
             ("create", "authentication") => return self.login(calls, reference, request),
             ("remove", "authentication") => return self.logout(calls, reference, &request),
-            ("subscribe", _) => match request.get("since").cloned() {
-                None | Some(Value::Null) => self
+            ("subscribe", _) => match self.replaying_request(&service, &request) {
+                Ok(None) => self
                     .subscribe(&service, &request)
                     .map(|()| json!({ "subscribed": service })),
-                Some(since) => match self.resume_request(&service, &request, &since) {
-                    Ok((service, subscription, since)) => {
-                        // Registered here, in the order of the client's requests: a later
-                        // subscribe or unsubscribe of the service supersedes it.
-                        let id = resume::register(&self.state.hub, self.conn, &service, subscription);
-                        let resume = resume(
-                            self.state.clone(),
-                            self.conn,
-                            service,
-                            id,
-                            since,
-                            reference,
-                            self.replies.clone(),
-                        );
-                        self.spawn(calls, resume);
-                        return;
+                Ok(Some(replaying)) => {
+                    // Registered here, in the order of the client's requests: a later
+                    // subscribe or unsubscribe of the service supersedes it.
+                    let query = replaying.subscription.query.clone();
+                    let id = resume::register(&self.state.hub, self.conn, &replaying.service, replaying.subscription);
+                    let task = Replaying {
+                        state: self.state.clone(),
+                        conn: self.conn,
+                        service: replaying.service,
+                        id,
+                        reference,
+                        replies: self.replies.clone(),
+                    };
+                    match replaying.snapshot {
+                        true => self.spawn(calls, task.snapshot(query, replaying.since)),
+                        false => self.spawn(calls, task.resume(replaying.since.unwrap_or_default())),
                     }
-                    Err(e) => Err(e),
-                },
+                    return;
+                }
+                Err(e) => Err(e),
             },
+            ("sync", _) => return self.sync(calls, reference, service, &request),
             ("unsubscribe", _) => {
                 self.state.hub.unsubscribe(self.conn, &service);
                 Ok(json!({ "unsubscribed": service }))
@@ -399,7 +404,14 @@ impl Session<'_> {
         let replies = self.replies.clone();
         self.spawn(calls, async move {
             let frame = match services.call(call).await {
-                Ok(result) => result_frame(&reference, result),
+                Ok(Outcome { result, txid: None }) => result_frame(&reference, result),
+                // The writing transaction: `sync` with it waits until the write is delivered.
+                Ok(Outcome {
+                    result,
+                    txid: Some(txid),
+                }) => Frame::Text(to_bytes(
+                    &json!({ "ref": reference, "result": result, "txid": txid.to_string() }),
+                )),
                 Err(e) => error_frame(&reference, &e),
             };
             let _ = replies.send(frame).await;
@@ -439,21 +451,70 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Checks a `subscribe` with `since` before anything is registered.
-    fn resume_request(
+    /// Checks a `subscribe` with `since` or `snapshot` before anything is registered;
+    /// `None` for a plain subscribe.
+    fn replaying_request(
         &self,
         service: &str,
         request: &Map<String, Value>,
-        since: &Value,
-    ) -> Result<(Arc<Service>, Subscription, i64), Error> {
+    ) -> Result<Option<ReplayingRequest>, Error> {
+        let snapshot = match request.get("snapshot") {
+            None | Some(Value::Null | Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(_) => return Err(Error::bad_request("'snapshot' must be true or false")),
+        };
+        let since = match request.get("since") {
+            None | Some(Value::Null) => None,
+            Some(since) => Some(
+                since
+                    .as_i64()
+                    .filter(|s| *s >= 0)
+                    .ok_or_else(|| Error::bad_request("'since' must be the seq of the last event received"))?,
+            ),
+        };
+        if !snapshot && since.is_none() {
+            return Ok(None);
+        }
         let service = find_service(self.state, service)?;
         let caller = self.state.hub.principal(self.conn);
         let subscription = parse_subscription(&service, request, caller.as_deref())?;
-        let since = since
-            .as_i64()
-            .filter(|s| *s >= 0)
-            .ok_or_else(|| Error::bad_request("'since' must be the seq of the last event received"))?;
-        Ok((service, subscription, since))
+        if snapshot {
+            // The rows themselves: only for a caller that may find them.
+            service.check_readable(caller.as_deref())?;
+        }
+        Ok(Some(ReplayingRequest {
+            service,
+            subscription,
+            since,
+            snapshot,
+        }))
+    }
+
+    /// `sync` with a `txid`: once every change of that transaction has been queued for the
+    /// connection's subscription to the service, a `synced` event (then the reply) says so.
+    fn sync(&self, calls: &mut JoinSet<()>, reference: Value, service: String, request: &Map<String, Value>) {
+        let txid = match request.get("txid") {
+            Some(Value::String(s)) => s.parse::<u64>().ok(),
+            Some(Value::Number(n)) => n.as_u64(),
+            _ => None,
+        };
+        let Some(txid) = txid else {
+            let e = Error::bad_request("'txid' must be the transaction id a write reply gave");
+            return self.reply_later(calls, error_frame(&reference, &e));
+        };
+        let (state, conn, replies) = (self.state.clone(), self.conn, self.replies.clone());
+        self.spawn(calls, async move {
+            let mark = Frame::Text(to_bytes(
+                &json!({ "event": "synced", "service": service, "txid": txid.to_string() }),
+            ));
+            let pool = state.services.pool();
+            let frame = match sync::wait_for(&state.hub, pool, conn, &service, txid, &replies, mark).await {
+                Ok(()) => result_frame(&reference, json!({ "synced": service, "txid": txid.to_string() })),
+                Err(SyncFailed::Gone) => return,
+                Err(e) => error_frame(&reference, &sync_error(e)),
+            };
+            let _ = replies.send(frame).await;
+        });
     }
 
     /// Queues a reply without blocking the session loop (which is what drains the queue).
@@ -520,42 +581,147 @@ fn parse_subscription(
     Ok(Subscription::new(kinds, query).for_caller(caller))
 }
 
-/// Resumes a subscription registered as replaying: finds the position, replies, then
-/// replays every missed event and hands over to live delivery.
-async fn resume(
+/// A checked `subscribe` with `since` or `snapshot`.
+struct ReplayingRequest {
+    service: Arc<Service>,
+    subscription: Subscription,
+    since: Option<i64>,
+    snapshot: bool,
+}
+
+/// A subscription registered as replaying, and what its replay needs.
+struct Replaying {
     state: AppState,
     conn: ConnId,
     service: Arc<Service>,
     id: ReplayId,
-    since: i64,
     reference: Value,
     replies: Sender<Frame>,
-) {
-    let pool = state.services.pool().clone();
-    let after = match resume::locate(&pool, since, state.limits.max_replay_changes).await {
-        Ok(after) => after,
-        Err(e) => {
-            state.hub.cancel_replay(conn, &service.name, id);
-            let _ = replies.send(error_frame(&reference, &resume_error(since, e))).await;
+}
+
+impl Replaying {
+    fn subscriber(&self) -> Subscriber<'_> {
+        Subscriber {
+            hub: &self.state.hub,
+            conn: self.conn,
+            service: &self.service,
+            replay: self.id,
+            frames: &self.replies,
+        }
+    }
+
+    /// Finds the position, replies, then replays every missed event and hands over to live
+    /// delivery.
+    async fn resume(self, since: i64) {
+        let pool = self.state.services.pool().clone();
+        let after = match resume::locate(&pool, since, self.state.limits.max_replay_changes).await {
+            Ok(after) => after,
+            Err(e) => return self.refuse(resume_error(since, e)).await,
+        };
+        let reply = json!({ "subscribed": &*self.service.name, "since": since });
+        if self.replies.send(result_frame(&self.reference, reply)).await.is_err() {
             return;
         }
-    };
-    let reply = json!({ "subscribed": &*service.name, "since": since });
-    if replies.send(result_frame(&reference, reply)).await.is_err() {
-        return;
+        let start = Start {
+            after,
+            skip: HashSet::new(),
+        };
+        let replayed = resume::replay(self.subscriber(), pool, start, None).await;
+        self.end(replayed);
     }
-    match resume::replay(&state.hub, pool, conn, &service, id, after, &replies).await {
-        Ok(()) => {}
-        Err(ResumeFailed::Overtaken) => state.hub.kick(
-            conn,
-            Cutoff::Reload,
-            "the change log was pruned past this resume: reload, then subscribe again",
-        ),
-        Err(e) => {
-            tracing::warn!(error = %e, "resume failed");
-            state
-                .hub
-                .kick(conn, Cutoff::SlowConsumer, "resume failed: subscribe again with since");
+
+    /// A snapshot subscribe: the matching rows, then `synced`, then live events. With
+    /// `since`, only what was missed if that position can be resumed, else a fresh snapshot
+    /// that says `reset`.
+    async fn snapshot(self, query: Option<Arc<Query>>, since: Option<i64>) {
+        let pool = self.state.services.pool().clone();
+        let name = self.service.name.clone();
+        let synced =
+            move |seq: i64| Frame::Text(to_bytes(&json!({ "event": "synced", "service": &*name, "seq": seq })));
+        let mut reset = false;
+        if let Some(since) = since {
+            match resume::locate(&pool, since, self.state.limits.max_replay_changes).await {
+                Ok(after) => {
+                    let reply = json!({ "subscribed": &*self.service.name, "since": since });
+                    if self.replies.send(result_frame(&self.reference, reply)).await.is_err() {
+                        return;
+                    }
+                    let start = Start {
+                        after,
+                        skip: HashSet::new(),
+                    };
+                    let replayed = resume::replay(self.subscriber(), pool, start, Some(&synced)).await;
+                    return self.end(replayed);
+                }
+                Err(ResumeFailed::Position(ResumeError::Gone(_)) | ResumeFailed::TooFarBehind { .. }) => reset = true,
+                Err(e) => return self.refuse(resume_error(since, e)).await,
+            }
+        }
+        // Bounded: each snapshot holds a database connection while it is read.
+        let Ok(turn) = self.state.snapshots.clone().acquire_owned().await else {
+            return;
+        };
+        let snapshot = match Snapshot::open(&pool, &self.service, query.as_deref()).await {
+            Ok(snapshot) => snapshot,
+            Err(e) => return self.refuse(resume_error(since.unwrap_or_default(), e)).await,
+        };
+        let reply = json!({ "subscribed": &*self.service.name, "snapshot": true });
+        if self.replies.send(result_frame(&self.reference, reply)).await.is_err() {
+            return;
+        }
+        let service = self.service.name.clone();
+        let page = move |rows: Vec<Value>, reset: bool| {
+            let mut frame = json!({ "event": "snapshot", "service": &*service, "rows": rows });
+            if reset {
+                frame["reset"] = Value::Bool(true);
+            }
+            Frame::Text(to_bytes(&frame))
+        };
+        let sent = snapshot.send(self.subscriber(), &page, reset).await;
+        drop(turn);
+        let replayed = match sent {
+            Ok(Some(start)) => resume::replay(self.subscriber(), pool, start, Some(&synced)).await,
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.end(replayed);
+    }
+
+    /// The replay could not start: the subscription is removed and the client told why.
+    async fn refuse(self, e: Error) {
+        self.state.hub.cancel_replay(self.conn, &self.service.name, self.id);
+        let _ = self.replies.send(error_frame(&self.reference, &e)).await;
+    }
+
+    /// After the reply: a replay that failed cuts the connection off, saying what to do.
+    fn end(&self, replayed: Result<(), ResumeFailed>) {
+        match replayed {
+            Ok(()) => {}
+            Err(ResumeFailed::Overtaken) => self.state.hub.kick(
+                self.conn,
+                Cutoff::Reload,
+                "the change log was pruned past this resume: reload, then subscribe again",
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "resume failed");
+                self.state.hub.kick(
+                    self.conn,
+                    Cutoff::SlowConsumer,
+                    "resume failed: subscribe again with since",
+                );
+            }
+        }
+    }
+}
+
+/// The reply to a `sync` that cannot be answered.
+fn sync_error(e: SyncFailed) -> Error {
+    match e {
+        SyncFailed::Future(_) | SyncFailed::NotSubscribed => Error::bad_request(e.to_string()),
+        SyncFailed::Timeout(_) => Error::new(ErrorKind::Timeout, e.to_string()),
+        SyncFailed::Gone | SyncFailed::Change(_) => {
+            tracing::warn!(error = %e, "cannot wait for a transaction");
+            Error::unavailable("the database is unavailable, try again shortly")
         }
     }
 }
@@ -573,6 +739,7 @@ fn resume_error(since: i64, e: ResumeFailed) -> Error {
         }
         ResumeFailed::Lagging(_) => Error::unavailable("this instance is catching up; try again shortly"),
         ResumeFailed::Overtaken => Error::new(ErrorKind::Gone, format!("{e}; reload and subscribe again")),
+        ResumeFailed::Read(e) => e,
         ResumeFailed::Position(ResumeError::Change(e)) | ResumeFailed::Change(e) => {
             tracing::warn!(error = %e, "cannot locate a resume position");
             Error::unavailable("the database is unavailable, try again shortly")

@@ -277,3 +277,35 @@ impl Drop for Quill {
         }
     }
 }
+
+/// A seeded random source for randomized tests (splitmix64): tiny, and the same sequence for a seed on every machine and crate version.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// The seeds of a randomized test: the one in `var` (to replay a failure), else `n` fresh
+/// ones. The test prints each before it runs.
+pub fn seeds(var: &str, n: usize) -> Vec<u64> {
+    if let Ok(seed) = std::env::var(var) {
+        return vec![seed.parse().unwrap_or_else(|_| panic!("{var} is a number"))];
+    }
+    let base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let mut rng = Rng(base);
+    (0..n).map(|_| rng.next()).collect()
+}
