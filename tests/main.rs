@@ -9,6 +9,7 @@ mod db_tls;
 mod events;
 mod external_tokens;
 mod feathers;
+mod js_client;
 mod limits;
 mod model;
 mod openapi;

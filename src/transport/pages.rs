@@ -1,6 +1,7 @@
 //! The example pages of the Feathers real-time guide, with the client JavaScript they need
 //! built into the binary (from the `@feathersjs/client` 5.0.50 and `socket.io-client`
-//! 4.8.4 npm packages), so they work on closed networks.
+//! 4.8.4 npm packages, and quill's own client from `clients/js`), so they work on closed
+//! networks.
 
 use axum::Router;
 use axum::http::header;
@@ -21,6 +22,11 @@ pub(super) fn routes() -> Router<AppState> {
         .route(
             "/socketio.html",
             get(|| serve(HTML, include_str!("pages/socketio.html"))),
+        )
+        .route("/replica.html", get(|| serve(HTML, include_str!("pages/replica.html"))))
+        .route(
+            "/vendor/quill-client.js",
+            get(|| serve(JS, include_str!("pages/vendor/quill-client.js"))),
         )
         .route(
             "/vendor/feathers.min.js",

@@ -1,0 +1,638 @@
+// quill's `/ws` client: calls, subscriptions that resume after a disconnect, and replicas
+// (a local copy of the rows that match a query, kept exactly in sync). No dependencies:
+// it needs only a WebSocket (the browser's, Node 22's, or Node 20's with
+// --experimental-websocket; or pass one in `options.WebSocket`).
+
+/** A row as quill sends it. */
+export type Row = Record<string, unknown>;
+/** A `find` query (Feathers operators). */
+export type Query = Record<string, unknown>;
+export type EventKind = 'created' | 'updated' | 'patched' | 'removed' | 'truncated';
+
+/** An event frame of the `/ws` protocol. */
+export interface ServiceEvent {
+  event: EventKind;
+  service: string;
+  data?: Row;
+  seq: number;
+  /** `in`: the row entered the subscription's scope; `out`: it left (data is the id only). */
+  moved?: 'in' | 'out';
+}
+
+/** A Feathers error as quill sends it, thrown by calls. */
+export class QuillError extends Error {
+  readonly code: number;
+  readonly className: string;
+  readonly data: unknown;
+  constructor(error: { name?: string; message?: string; code?: number; className?: string; data?: unknown }) {
+    super(error.message ?? 'quill error');
+    this.name = error.name ?? 'QuillError';
+    this.code = error.code ?? 500;
+    this.className = error.className ?? 'general-error';
+    this.data = error.data;
+  }
+}
+
+/** What a call answers: its result, and for a write the id of the transaction that wrote it. */
+export interface CallResult<T = unknown> {
+  result: T;
+  txid?: string;
+}
+
+export interface ConnectOptions {
+  /** A JWT: the connection logs in with it (again after every reconnect). */
+  token?: string;
+  /** A WebSocket constructor, where there is no global one. */
+  WebSocket?: WebSocketConstructor;
+  /** Reconnect backoff in ms: full jitter between 0 and min(max, min * 2^attempt). */
+  backoff?: { min?: number; max?: number };
+  /** How long a call waits for its reply before it fails (ms). */
+  timeout?: number;
+}
+
+export type ConnectionState = 'connecting' | 'open' | 'closed';
+
+/** The part of the standard WebSocket this client uses. */
+interface SocketLike {
+  readonly readyState: number;
+  onopen: ((ev: unknown) => void) | null;
+  onclose: ((ev: { code: number; reason: string }) => void) | null;
+  onmessage: ((ev: { data: unknown }) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+}
+type WebSocketConstructor = new (url: string) => SocketLike;
+
+/** quill's close codes (see its README). */
+const CLOSE_RELOAD = 4010;
+const OPEN = 1;
+
+type Frame = Record<string, unknown>;
+
+interface Pending {
+  resolve: (frame: Frame) => void;
+  reject: (error: Error) => void;
+  timer: ReturnType<typeof setTimeout>;
+}
+
+/** Something that keeps a subscription on the connection across reconnects. */
+interface Subscriber {
+  /** The subscribe request to send (again) on a new connection. */
+  request(): Frame;
+  /** The subscribe reply (or error). */
+  subscribed(reply: Frame): void;
+  /** An event frame for its service. */
+  frame(frame: Frame): void;
+  /** The connection closed; `reload` when quill cannot vouch for what was missed. */
+  disconnected(reload: boolean): void;
+}
+
+/** Opens a connection to quill's `/ws` (`ws://host:port/ws`, or an `http(s)://` base URL). */
+export function connect(url: string, options: ConnectOptions = {}): Client {
+  return new Client(url, options);
+}
+
+export class Client {
+  readonly url: string;
+  #options: ConnectOptions;
+  #socket: SocketLike | null = null;
+  #nextRef = 1;
+  #pending = new Map<number, Pending>();
+  #queue: string[] = [];
+  #subscribers = new Map<string, Subscriber>();
+  #attempt = 0;
+  #closed = false;
+  #token: string | undefined;
+  #stateListeners = new Set<(state: ConnectionState) => void>();
+  #retry: ReturnType<typeof setTimeout> | null = null;
+  /** Open and logged in: requests go out at once, else they are queued. */
+  #ready = false;
+  /** Resolves when the connection is open (and logged in, with a token). */
+  #opened: Promise<void>;
+  #markOpen: () => void = () => {};
+
+  constructor(url: string, options: ConnectOptions) {
+    this.url = wsUrl(url);
+    this.#options = options;
+    this.#token = options.token;
+    this.#opened = new Promise((resolve) => (this.#markOpen = resolve));
+    this.#open();
+  }
+
+  /** A service's six methods. */
+  service<T extends Row = Row>(name: string): ServiceClient<T> {
+    return new ServiceClient<T>(this, name);
+  }
+
+  /** Subscribes to a service's events; the subscription resumes after reconnects. */
+  subscribe(
+    service: string,
+    options: { query?: Query; kinds?: EventKind[]; onReload?: () => void },
+    listener: (event: ServiceEvent) => void
+  ): Subscription {
+    const subscription = new Subscription(this, service, options, listener);
+    this.#attach(service, subscription);
+    return subscription;
+  }
+
+  /** A local copy of the rows of `service` that match `query`, kept in sync. */
+  replica<T extends Row = Row>(service: string, options: { query?: Query; id?: string } = {}): Replica<T> {
+    const replica = new Replica<T>(this, service, options);
+    this.#attach(service, replica as unknown as Subscriber);
+    return replica;
+  }
+
+  /** Logs the connection in (and again after every reconnect). */
+  async authenticate(token: string): Promise<unknown> {
+    this.#token = token;
+    const { result } = await this.call('create', 'authentication', { data: { strategy: 'jwt', accessToken: token } });
+    return result;
+  }
+
+  /** Notified when the connection opens or drops; returns a function that stops it. */
+  onState(listener: (state: ConnectionState) => void): () => void {
+    this.#stateListeners.add(listener);
+    return () => this.#stateListeners.delete(listener);
+  }
+
+  /** Sends one call and resolves with its result (and txid, for a write). */
+  async call<T = unknown>(method: string, service: string, args: Frame = {}): Promise<CallResult<T>> {
+    const frame = await this.#request({ method, service, ...args });
+    if (frame.error) throw new QuillError(frame.error as Record<string, never>);
+    return { result: frame.result as T, txid: frame.txid as string | undefined };
+  }
+
+  /** Closes the connection for good. */
+  close(): void {
+    this.#closed = true;
+    if (this.#retry) clearTimeout(this.#retry);
+    this.#socket?.close(1000, 'client closed');
+    this.#failPending(new Error('the client was closed'));
+  }
+
+  /** @internal */
+  detach(service: string, subscriber: Subscriber): void {
+    if (this.#subscribers.get(service) !== subscriber) return;
+    this.#subscribers.delete(service);
+    this.call('unsubscribe', service).catch(() => {});
+  }
+
+  /**
+   * Sends a request frame and resolves with its reply frame. `onReply` runs as the reply
+   * is read, before any later frame (a promise callback may run after several frames).
+   */
+  #request(body: Frame, onReply?: (reply: Frame) => void): Promise<Frame> {
+    if (this.#closed) return Promise.reject(new Error('the client was closed'));
+    const ref = this.#nextRef++;
+    const text = JSON.stringify({ ref, ...body });
+    return new Promise<Frame>((resolve, reject) => {
+      const timeout = this.#options.timeout ?? 30_000;
+      const timer = setTimeout(() => {
+        this.#pending.delete(ref);
+        reject(new QuillError({ name: 'Timeout', message: `no reply within ${timeout} ms`, code: 408, className: 'timeout' }));
+      }, timeout);
+      this.#pending.set(ref, {
+        resolve: (reply) => {
+          onReply?.(reply);
+          resolve(reply);
+        },
+        reject,
+        timer
+      });
+      if (this.#ready && this.#socket?.readyState === OPEN) this.#socket.send(text);
+      else this.#queue.push(text);
+    });
+  }
+
+  /** @internal Sends a request frame without waiting for the reply (replies route by ref). */
+  sendSubscribe(service: string, subscriber: Subscriber): void {
+    this.#request(subscriber.request(), (reply) => {
+      // A later subscribe to the service replaced this one meanwhile: ignore.
+      if (this.#subscribers.get(service) === subscriber) subscriber.subscribed(reply);
+    }).catch(() => {});
+  }
+
+  /** @internal */
+  waitOpen(): Promise<void> {
+    return this.#opened;
+  }
+
+  #attach(service: string, subscriber: Subscriber): void {
+    const previous = this.#subscribers.get(service);
+    if (previous && previous !== subscriber) previous.disconnected(false);
+    this.#subscribers.set(service, subscriber);
+    this.sendSubscribe(service, subscriber);
+  }
+
+  #open(): void {
+    const Socket = this.#options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+    if (!Socket) throw new Error('no WebSocket: pass options.WebSocket (Node 20: node --experimental-websocket)');
+    this.#emit('connecting');
+    const socket = new Socket(this.url);
+    this.#socket = socket;
+    socket.onopen = () => {
+      this.#attempt = 0;
+      // Queued requests (subscriptions first) go out once logged in, in order: quill runs
+      // calls concurrently, so a subscribe sent beside the login could run before it.
+      const flush = () => {
+        if (this.#socket !== socket) return;
+        this.#ready = true;
+        const queued = this.#queue;
+        this.#queue = [];
+        for (const text of queued) socket.send(text);
+        this.#emit('open');
+        this.#markOpen();
+      };
+      if (!this.#token) return flush();
+      const ref = this.#nextRef++;
+      const timer = setTimeout(() => socket.close(4000, 'login timed out'), this.#options.timeout ?? 30_000);
+      this.#pending.set(ref, {
+        resolve: (reply) => {
+          // A refused token still lets anonymous calls through; they fail on their own.
+          if (reply.error) this.#token = undefined;
+          flush();
+        },
+        reject: () => {},
+        timer
+      });
+      socket.send(JSON.stringify({ ref, method: 'create', service: 'authentication', data: { strategy: 'jwt', accessToken: this.#token } }));
+    };
+    socket.onmessage = (message) => {
+      if (typeof message.data !== 'string') return;
+      let frame: Frame;
+      try {
+        frame = JSON.parse(message.data) as Frame;
+      } catch {
+        return;
+      }
+      if (typeof frame.event === 'string') {
+        const subscriber = typeof frame.service === 'string' ? this.#subscribers.get(frame.service) : undefined;
+        subscriber?.frame(frame);
+        return;
+      }
+      const pending = typeof frame.ref === 'number' ? this.#pending.get(frame.ref) : undefined;
+      if (pending) {
+        this.#pending.delete(frame.ref as number);
+        clearTimeout(pending.timer);
+        pending.resolve(frame);
+      }
+    };
+    socket.onerror = () => {};
+    socket.onclose = (event) => {
+      if (this.#socket !== socket) return;
+      this.#socket = null;
+      this.#ready = false;
+      this.#opened = new Promise((resolve) => (this.#markOpen = resolve));
+      // Calls in flight may or may not have happened: their callers decide.
+      this.#failPending(new QuillError({ name: 'Unavailable', message: `connection closed (${event.code})`, code: 503, className: 'unavailable' }));
+      const reload = event.code === CLOSE_RELOAD;
+      for (const subscriber of this.#subscribers.values()) subscriber.disconnected(reload);
+      this.#emit('closed');
+      if (this.#closed) return;
+      const { min = 100, max = 10_000 } = this.#options.backoff ?? {};
+      const delay = Math.random() * Math.min(max, min * 2 ** this.#attempt);
+      this.#attempt = Math.min(this.#attempt + 1, 30);
+      this.#retry = setTimeout(() => {
+        this.#retry = null;
+        if (this.#closed) return;
+        // Subscriptions go first on the new socket, each from where it stopped.
+        for (const [service, subscriber] of this.#subscribers) this.sendSubscribe(service, subscriber);
+        this.#open();
+      }, delay);
+    };
+  }
+
+  #failPending(error: Error): void {
+    for (const pending of this.#pending.values()) {
+      clearTimeout(pending.timer);
+      pending.reject(error);
+    }
+    this.#pending.clear();
+    this.#queue = [];
+  }
+
+  #emit(state: ConnectionState): void {
+    for (const listener of this.#stateListeners) listener(state);
+  }
+}
+
+/** A service's methods over the connection. */
+export class ServiceClient<T extends Row = Row> {
+  constructor(readonly client: Client, readonly name: string) {}
+
+  async find(query: Query = {}): Promise<T[] | { total: number; limit: number; skip: number; data: T[] }> {
+    return (await this.client.call<T[]>('find', this.name, { query })).result;
+  }
+  async get(id: unknown, query?: Query): Promise<T> {
+    return (await this.client.call<T>('get', this.name, { id, query })).result;
+  }
+  create(data: Partial<T> | Partial<T>[], query?: Query): Promise<CallResult<T>> {
+    return this.client.call<T>('create', this.name, { data, query });
+  }
+  update(id: unknown, data: Partial<T>, query?: Query): Promise<CallResult<T>> {
+    return this.client.call<T>('update', this.name, { id, data, query });
+  }
+  patch(id: unknown, data: Partial<T>, query?: Query): Promise<CallResult<T>> {
+    return this.client.call<T>('patch', this.name, { id, data, query });
+  }
+  remove(id: unknown, query?: Query): Promise<CallResult<T>> {
+    return this.client.call<T>('remove', this.name, { id, query });
+  }
+}
+
+/** Events of one service, resumed with `since` after every reconnect. */
+export class Subscription implements Subscriber {
+  #lastSeq: number | null = null;
+  constructor(
+    readonly client: Client,
+    readonly service: string,
+    readonly options: { query?: Query; kinds?: EventKind[]; onReload?: () => void },
+    readonly listener: (event: ServiceEvent) => void
+  ) {}
+
+  /** The seq of the last event received (where a resume starts). */
+  get lastSeq(): number | null {
+    return this.#lastSeq;
+  }
+
+  request(): Frame {
+    const { query, kinds } = this.options;
+    return { method: 'subscribe', service: this.service, query, kinds, since: this.#lastSeq ?? undefined };
+  }
+
+  subscribed(reply: Frame): void {
+    const error = reply.error as { code?: number } | undefined;
+    if (error?.code === 410) {
+      // Too far behind: start over from now, and let the app reload.
+      this.#lastSeq = null;
+      this.options.onReload?.();
+      this.client.sendSubscribe(this.service, this);
+    }
+  }
+
+  frame(frame: Frame): void {
+    if (typeof frame.seq === 'number') this.#lastSeq = frame.seq;
+    this.listener(frame as unknown as ServiceEvent);
+  }
+
+  disconnected(reload: boolean): void {
+    if (reload) {
+      this.#lastSeq = null;
+      this.options.onReload?.();
+    }
+  }
+
+  close(): void {
+    this.client.detach(this.service, this);
+  }
+}
+
+/** What changed in a replica at one consistent point. */
+export interface ReplicaChange<T> {
+  /** The whole copy was replaced (a snapshot, first or after a reset). */
+  reset: boolean;
+  /** Ids put (created, changed or moved in) and ids deleted since the last notification. */
+  put: unknown[];
+  deleted: unknown[];
+  rows: T[];
+}
+
+/**
+ * A local copy of the rows of a service that match a query and that the connection may
+ * see: a snapshot, then live changes, kept across reconnects (resumed from the last
+ * position; a fresh snapshot when quill cannot resume, swapped in only once complete, so
+ * the copy never flashes empty).
+ */
+export class Replica<T extends Row = Row> implements Subscriber {
+  readonly ready: Promise<void>;
+  #rows = new Map<unknown, T>();
+  /** A snapshot being received: swapped in at its `synced`. */
+  #staging: Map<unknown, T> | null = null;
+  #lastSeq: number | null = null;
+  #synced = false;
+  #idColumn: string;
+  #listeners = new Set<(change: ReplicaChange<T>) => void>();
+  #put = new Set<unknown>();
+  #deleted = new Set<unknown>();
+  #waiting = new Map<string, Array<{ resolve: () => void; reject: (e: Error) => void }>>();
+  #markReady: () => void = () => {};
+  #failReady: (e: Error) => void = () => {};
+  #notifyScheduled = false;
+  #closed = false;
+
+  constructor(
+    readonly client: Client,
+    readonly service: string,
+    readonly options: { query?: Query; id?: string }
+  ) {
+    this.#idColumn = options.id ?? 'id';
+    this.ready = new Promise((resolve, reject) => {
+      this.#markReady = resolve;
+      this.#failReady = reject;
+    });
+    // A listener-less failure is reported through `ready` only when someone awaits it.
+    this.ready.catch(() => {});
+  }
+
+  /** The rows, in no particular order. */
+  get rows(): T[] {
+    return [...this.#rows.values()];
+  }
+  get size(): number {
+    return this.#rows.size;
+  }
+  get(id: unknown): T | undefined {
+    return this.#rows.get(normalizeId(id));
+  }
+  /** Whether the copy is complete (after the first `synced`, until a disconnect). */
+  get synced(): boolean {
+    return this.#synced;
+  }
+
+  /** Called at consistent points: after each `synced`, then after each burst of live changes. */
+  onChange(listener: (change: ReplicaChange<T>) => void): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
+  /** Resolves once the copy reflects transaction `txid` (a write reply's `txid`). */
+  async waitFor(txid: string | undefined): Promise<void> {
+    if (!txid) return;
+    await this.ready;
+    const done = new Promise<void>((resolve, reject) => {
+      const list = this.#waiting.get(txid) ?? [];
+      list.push({ resolve, reject });
+      this.#waiting.set(txid, list);
+    });
+    this.#askSync(txid);
+    return done;
+  }
+
+  /** Writes through the service and resolves once the copy reflects the write. */
+  async create(data: Partial<T>): Promise<T> {
+    const { result, txid } = await this.client.service<T>(this.service).create(data);
+    await this.waitFor(txid);
+    return result;
+  }
+  async patch(id: unknown, data: Partial<T>): Promise<T> {
+    const { result, txid } = await this.client.service<T>(this.service).patch(id, data);
+    await this.waitFor(txid);
+    return result;
+  }
+  async remove(id: unknown): Promise<T> {
+    const { result, txid } = await this.client.service<T>(this.service).remove(id);
+    await this.waitFor(txid);
+    return result;
+  }
+
+  close(): void {
+    this.#closed = true;
+    this.client.detach(this.service, this);
+  }
+
+  request(): Frame {
+    return {
+      method: 'subscribe',
+      service: this.service,
+      query: this.options.query,
+      snapshot: true,
+      since: this.#lastSeq ?? undefined
+    };
+  }
+
+  subscribed(reply: Frame): void {
+    const result = reply.result as { snapshot?: boolean } | undefined;
+    if (result?.snapshot) {
+      // A snapshot follows: collect it beside the copy until its synced.
+      this.#staging = new Map();
+    } else if (reply.error) {
+      const error = new QuillError(reply.error as Record<string, never>);
+      if (error.code === 503) {
+        // The database or this instance is not ready: try again shortly.
+        if (!this.#closed) setTimeout(() => this.#closed || this.client.sendSubscribe(this.service, this), 500);
+      } else {
+        // Refused (not allowed, a bad query): nothing to keep in sync.
+        this.#failReady(error);
+      }
+    }
+  }
+
+  frame(frame: Frame): void {
+    const target = this.#staging ?? this.#rows;
+    switch (frame.event) {
+      case 'snapshot':
+        for (const row of frame.rows as T[]) target.set(this.#idOf(row), row);
+        return;
+      case 'synced':
+        if (typeof frame.txid === 'string') return this.#txidSynced(frame.txid);
+        this.#lastSeq = frame.seq as number;
+        this.#complete();
+        return;
+      case 'created':
+      case 'updated':
+      case 'patched': {
+        const row = frame.data as T;
+        target.set(this.#idOf(row), row);
+        this.#changed(this.#idOf(row), true);
+        break;
+      }
+      case 'removed': {
+        const id = this.#idOf(frame.data as T);
+        target.delete(id);
+        this.#changed(id, false);
+        break;
+      }
+      case 'truncated':
+        for (const id of target.keys()) this.#changed(id, false);
+        target.clear();
+        break;
+      default:
+        return;
+    }
+    if (typeof frame.seq === 'number') this.#lastSeq = frame.seq;
+    if (this.#synced) this.#scheduleNotify();
+  }
+
+  disconnected(reload: boolean): void {
+    // Keep showing the copy; it is behind until the next synced.
+    this.#synced = false;
+    this.#staging = null;
+    if (reload) this.#lastSeq = null;
+  }
+
+  #complete(): void {
+    const reset = this.#staging !== null;
+    if (this.#staging) {
+      for (const id of this.#rows.keys()) if (!this.#staging.has(id)) this.#deleted.add(id);
+      for (const id of this.#staging.keys()) this.#put.add(id);
+      this.#rows = this.#staging;
+      this.#staging = null;
+    }
+    this.#synced = true;
+    this.#markReady();
+    this.#notify(reset);
+    // Marks asked for before a reconnect are asked again on this subscription.
+    for (const txid of this.#waiting.keys()) this.#askSync(txid);
+  }
+
+  #txidSynced(txid: string): void {
+    // Changes up to the mark are applied: tell listeners first, then the waiters.
+    this.#notify(false);
+    const list = this.#waiting.get(txid);
+    this.#waiting.delete(txid);
+    for (const waiter of list ?? []) waiter.resolve();
+  }
+
+  #askSync(txid: string): void {
+    this.client.call('sync', this.service, { txid }).catch((error: unknown) => {
+      // Lost with the connection: asked again at the next synced. Refused: say so.
+      if (error instanceof QuillError && error.code === 503) return;
+      const list = this.#waiting.get(txid);
+      this.#waiting.delete(txid);
+      for (const waiter of list ?? []) waiter.reject(error as Error);
+    });
+  }
+
+  #changed(id: unknown, put: boolean): void {
+    if (put) {
+      this.#put.add(id);
+      this.#deleted.delete(id);
+    } else {
+      this.#deleted.add(id);
+      this.#put.delete(id);
+    }
+  }
+
+  #scheduleNotify(): void {
+    if (this.#notifyScheduled) return;
+    this.#notifyScheduled = true;
+    setTimeout(() => this.#notify(false), 0);
+  }
+
+  #notify(reset: boolean): void {
+    this.#notifyScheduled = false;
+    if (!reset && this.#put.size === 0 && this.#deleted.size === 0) return;
+    const change: ReplicaChange<T> = { reset, put: [...this.#put], deleted: [...this.#deleted], rows: this.rows };
+    this.#put.clear();
+    this.#deleted.clear();
+    for (const listener of this.#listeners) listener(change);
+  }
+
+  #idOf(row: T): unknown {
+    return normalizeId(row[this.#idColumn]);
+  }
+}
+
+/** Ids compare by value: 7 and "7" are the same row. */
+function normalizeId(id: unknown): unknown {
+  return typeof id === 'number' ? String(id) : id;
+}
+
+function wsUrl(url: string): string {
+  if (url.startsWith('http://') || url.startsWith('https://')) {
+    const base = url.replace(/^http/, 'ws').replace(/\/$/, '');
+    return `${base}/ws`;
+  }
+  return url;
+}
