@@ -1,5 +1,5 @@
 //! `quill bench`: measures latency, fan-out, targeted fan-out, the write path, idle
-//! connections and capture overhead against a quill it starts itself (so CPU and memory
+//! connections, capture overhead and replica snapshots against a quill it starts itself (so CPU and memory
 //! come from that process's /proc entry). Every scenario is bounded in time; each prints a
 //! table row and one JSON line.
 
@@ -28,7 +28,8 @@ impl BenchError {
 pub struct BenchOptions {
     /// Admin URL of the PostgreSQL server; the bench creates its own `quill_bench` database.
     pub admin_url: String,
-    /// Scenarios to run (latency, fanout, targeted, write, connections, isolation, capture);
+    /// Scenarios to run (latency, fanout, targeted, write, connections, isolation, capture,
+    /// replica);
     /// empty = all.
     pub only: Vec<String>,
     /// Seconds per measured phase.
@@ -87,6 +88,9 @@ pub async fn run(options: BenchOptions) -> Result<Vec<Row>, BenchError> {
     }
     if options.wants("capture") {
         rows.extend(scenarios::capture(&options).await?);
+    }
+    if options.wants("replica") {
+        rows.extend(scenarios::replica(&options).await?);
     }
     report::print_table(&rows);
     Ok(rows)

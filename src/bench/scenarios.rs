@@ -531,3 +531,118 @@ pub(super) async fn isolation_burst(options: &BenchOptions, stalled: usize) -> R
     server.stop().await;
     Ok(row)
 }
+
+/// Rows in the replica scenario's table.
+const REPLICA_ROWS: i64 = 100_000;
+
+/// A snapshot subscribe to every message: seconds from the request to `synced`, the rows
+/// and frames received.
+async fn snapshot_to_synced(server: &Server, token: &str) -> Result<(f64, u64, u64), BenchError> {
+    let mut ws = client::connect(&server.ws, 0).await?;
+    let login = format!(
+        r#"{{"ref":1,"method":"create","service":"authentication","data":{{"strategy":"jwt","accessToken":"{token}"}}}}"#
+    );
+    client::request(&mut ws, &[login]).await?;
+    let start = Instant::now();
+    ws.send(Message::text(
+        r#"{"ref":2,"method":"subscribe","service":"messages","snapshot":true}"#,
+    ))
+    .await
+    .map_err(|e| BenchError::new("ws send", e))?;
+    let (mut rows, mut frames) = (0u64, 0u64);
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(120), ws.next())
+            .await
+            .map_err(|_| BenchError("no synced within 120 s".into()))?;
+        let text = match frame {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(_)) => continue,
+            other => return Err(BenchError(format!("socket closed: {other:?}"))),
+        };
+        if text.starts_with(r#"{"event":"synced""#) {
+            return Ok((start.elapsed().as_secs_f64(), rows, frames));
+        }
+        if text.starts_with(r#"{"event":"snapshot""#) {
+            let page: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| BenchError::new("snapshot frame", e))?;
+            rows += page["rows"].as_array().map_or(0, |r| r.len() as u64);
+            frames += 1;
+        } else if text.contains(r#""error""#) {
+            return Err(BenchError(format!("snapshot refused: {text}")));
+        }
+    }
+}
+
+/// A 100 000-row snapshot, idle and while 1 000 changes/s are written: time to `synced`
+/// and quill's peak RSS.
+pub(super) async fn replica(options: &BenchOptions) -> Result<Vec<Row>, BenchError> {
+    let server = Server::start(options, &config(r#"["authenticated"]"#)).await?;
+    let ids = server.users(1).await?;
+    let token = Server::token(ids[0]);
+    sqlx::query(
+        "INSERT INTO messages (text, user_id) SELECT 'message number ' || g || repeat(' lorem ipsum', 6), $1 \
+         FROM generate_series(1, $2) g",
+    )
+    .bind(ids[0])
+    .bind(REPLICA_ROWS)
+    .execute(&server.db)
+    .await
+    .map_err(|e| BenchError::new("filling the table", e))?;
+    let mut rows = Vec::new();
+    let (rss_before, _) = server.rss_kib();
+    let cpu0 = server.cpu_seconds();
+    let (seconds, got, frames) = snapshot_to_synced(&server, &token).await?;
+    let (_, peak) = server.rss_kib();
+    rows.push(
+        Row::new(format!("replica/snapshot_{REPLICA_ROWS}"))
+            .with("rows", got)
+            .with("frames", frames)
+            .with("to_synced_s", round(seconds, 2))
+            .with("rows_per_s", round(got as f64 / seconds, 0))
+            .with("quill_cpu_s", round(server.cpu_seconds() - cpu0, 2))
+            .with("quill_rss_before_mib", round(rss_before as f64 / 1024.0, 1))
+            .with("quill_peak_rss_mib", round(peak as f64 / 1024.0, 1))
+            .emit(),
+    );
+
+    // 1 000 changes/s (5 rows every 5 ms) while new snapshots start, one after another.
+    let sql = pool(&server, 2).await?;
+    let stop = CancellationToken::new();
+    let writer = {
+        let (sql, stop) = (sql.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut written = 0u64;
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let insert = "INSERT INTO messages (text) SELECT 'under load' FROM generate_series(1, 5)";
+                if sqlx::query(insert).execute(&sql).await.is_ok() {
+                    written += 5;
+                }
+            }
+            written
+        })
+    };
+    let started = Instant::now();
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        times.push(snapshot_to_synced(&server, &token).await?.0);
+    }
+    stop.cancel();
+    let written = writer.await.map_err(|e| BenchError::new("writer", e))?;
+    let rate = written as f64 / started.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+    let (_, peak) = server.rss_kib();
+    rows.push(
+        Row::new(format!("replica/snapshot_{REPLICA_ROWS}_under_writes"))
+            .with("changes_per_s", round(rate, 0))
+            .with("to_synced_min_s", round(times[0], 2))
+            .with("to_synced_median_s", round(times[1], 2))
+            .with("to_synced_max_s", round(times[2], 2))
+            .with("quill_peak_rss_mib", round(peak as f64 / 1024.0, 1))
+            .emit(),
+    );
+    server.stop().await;
+    Ok(rows)
+}
