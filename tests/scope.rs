@@ -216,3 +216,42 @@ async fn services_on_one_table_must_share_its_id() {
     let err = Quill::start_error(config).await;
     assert!(err.to_string().contains("different ids"), "{err}");
 }
+
+#[tokio::test]
+async fn a_multi_row_update_leaves_the_writers_planner_settings_as_they_were() {
+    let q = Quill::start().await;
+    let mut conn = q.sql().await.acquire().await.expect("connection");
+    sqlx::raw_sql("INSERT INTO messages (id, text) VALUES (1, 'a'), (2, 'b')")
+        .execute(&mut *conn)
+        .await
+        .expect("insert");
+    for setting in ["on", "off"] {
+        let statement = format!(
+            "SET enable_nestloop = {setting}; BEGIN; UPDATE messages SET text = text || '!'; \
+             UPDATE messages SET text = 'one' WHERE id = 1"
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&mut *conn)
+            .await
+            .expect("updates");
+        let inside: String = sqlx::query_scalar("SHOW enable_nestloop")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("show");
+        sqlx::raw_sql("COMMIT").execute(&mut *conn).await.expect("commit");
+        assert_eq!(inside, setting, "the trigger changed the writer's enable_nestloop");
+    }
+    let logged: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM quill.change_log WHERE kind = 'patched' AND old_data IS NOT NULL")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("log");
+    assert_eq!(
+        logged, 6,
+        "both rows twice and one row twice more, each with its old row"
+    );
+    sqlx::raw_sql("RESET enable_nestloop")
+        .execute(&mut *conn)
+        .await
+        .expect("reset");
+}

@@ -1,0 +1,53 @@
+-- The UPDATE trigger without a function-level planner setting. A SET clause on the function
+-- is applied and undone at every call, the single-row UPDATE (the common case) included,
+-- which needs no join at all. Now one row takes a path without a join; several rows are
+-- paired with nested loops off (transition tables have no statistics, and a nested loop
+-- over 20 000 rows each side is quadratic), set and restored inside the call so that the
+-- writer's own setting is unchanged after it.
+CREATE OR REPLACE FUNCTION quill.capture_update() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    logged bigint;
+    update_kind text;
+    key text := TG_ARGV[0];
+    nestloop text;
+BEGIN
+    -- quill tags PUT with SET LOCAL quill.method = 'update'; every other UPDATE is a patch.
+    update_kind := CASE WHEN current_setting('quill.method', true) = 'update'
+                        THEN 'updated' ELSE 'patched' END;
+    IF (SELECT count(*) FROM (SELECT 1 FROM quill_new LIMIT 2) two) = 1 THEN
+        -- One row: the old row is the only one. A changed id is removed under the old id,
+        -- then patched under the new one.
+        INSERT INTO quill.change_log (table_schema, table_name, kind, row_data, old_data)
+        SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, x.kind, x.row_data, x.old_data
+        FROM quill_old o, quill_new n,
+             LATERAL (
+                 SELECT 0 AS part, 'removed' AS kind, row_to_json(o) AS row_data, NULL::json AS old_data
+                 WHERE to_jsonb(n) -> key IS DISTINCT FROM to_jsonb(o) -> key
+                 UNION ALL
+                 SELECT 1, update_kind, row_to_json(n),
+                        CASE WHEN to_jsonb(n) -> key = to_jsonb(o) -> key THEN row_to_json(o) END
+             ) x
+        ORDER BY x.part;
+        GET DIAGNOSTICS logged = ROW_COUNT;
+    ELSE
+        nestloop := current_setting('enable_nestloop');
+        PERFORM set_config('enable_nestloop', 'off', true);
+        INSERT INTO quill.change_log (table_schema, table_name, kind, row_data, old_data)
+        SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, x.kind, x.row_data, x.old_data FROM (
+            SELECT 0 AS part, 'removed' AS kind, row_to_json(o) AS row_data, NULL::json AS old_data
+            FROM quill_old o
+            WHERE NOT EXISTS (SELECT 1 FROM quill_new n WHERE to_jsonb(n) -> key = to_jsonb(o) -> key)
+            UNION ALL
+            SELECT 1, update_kind, row_to_json(n), row_to_json(o)
+            FROM quill_new n LEFT JOIN quill_old o ON to_jsonb(o) -> key = to_jsonb(n) -> key
+        ) x ORDER BY x.part;
+        GET DIAGNOSTICS logged = ROW_COUNT;
+        PERFORM set_config('enable_nestloop', nestloop, true);
+    END IF;
+    IF logged > 0 THEN
+        PERFORM quill.wake_readers();
+    END IF;
+    RETURN NULL;
+END
+$$;
