@@ -11,24 +11,24 @@ DECLARE
     update_kind text;
     key text := TG_ARGV[0];
     nestloop text;
+    new_row json;
+    old_row json;
 BEGIN
     -- quill tags PUT with SET LOCAL quill.method = 'update'; every other UPDATE is a patch.
     update_kind := CASE WHEN current_setting('quill.method', true) = 'update'
                         THEN 'updated' ELSE 'patched' END;
     IF (SELECT count(*) FROM (SELECT 1 FROM quill_new LIMIT 2) two) = 1 THEN
-        -- One row: the old row is the only one. A changed id is removed under the old id,
-        -- then patched under the new one.
-        INSERT INTO quill.change_log (table_schema, table_name, kind, row_data, old_data)
-        SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, x.kind, x.row_data, x.old_data
-        FROM quill_old o, quill_new n,
-             LATERAL (
-                 SELECT 0 AS part, 'removed' AS kind, row_to_json(o) AS row_data, NULL::json AS old_data
-                 WHERE to_jsonb(n) -> key IS DISTINCT FROM to_jsonb(o) -> key
-                 UNION ALL
-                 SELECT 1, update_kind, row_to_json(n),
-                        CASE WHEN to_jsonb(n) -> key = to_jsonb(o) -> key THEN row_to_json(o) END
-             ) x
-        ORDER BY x.part;
+        -- One row: the old row is the only one, each turned into JSON once. A changed id
+        -- is removed under the old id, then patched under the new one.
+        SELECT row_to_json(n), row_to_json(o) INTO new_row, old_row FROM quill_new n, quill_old o;
+        IF (new_row -> key)::text IS DISTINCT FROM (old_row -> key)::text THEN
+            INSERT INTO quill.change_log (table_schema, table_name, kind, row_data, old_data)
+            VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'removed', old_row, NULL),
+                   (TG_TABLE_SCHEMA, TG_TABLE_NAME, update_kind, new_row, NULL);
+        ELSE
+            INSERT INTO quill.change_log (table_schema, table_name, kind, row_data, old_data)
+            VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, update_kind, new_row, old_row);
+        END IF;
         GET DIAGNOSTICS logged = ROW_COUNT;
     ELSE
         nestloop := current_setting('enable_nestloop');
