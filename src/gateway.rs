@@ -158,6 +158,8 @@ pub async fn run_with(
     metrics.delivered_tick.set(reader.position());
     // Resumes replay up to the tick live delivery starts from.
     hub.begin_tick(reader.position());
+    // Everything before the start was delivered (by an earlier run): `sync` need not wait.
+    hub.end_ticks_through(reader.position());
     metrics.reader_up.set(1);
     tracker.spawn(pipeline::deliver(
         reader,

@@ -24,6 +24,10 @@ use crate::service::Service;
 /// instance already delivered.
 const CATCH_UP: Duration = Duration::from_secs(5);
 
+/// How long a replay waits for the tick that holds a change its snapshot already has: the
+/// reader may be paging through a huge transaction meanwhile.
+const SKIPPED_AHEAD: Duration = Duration::from_secs(120);
+
 /// How many passes may chase the live reader before the last one holds live events back
 /// (so a replay ends under any load, and usually holds nothing).
 const FREE_PASSES: u32 = 3;
@@ -108,7 +112,7 @@ pub async fn replay(
         frames,
     } = to;
     let mut replay = Replay::new(pool.clone(), start.after).await?.skipping(start.skip);
-    let mut until = caught_up_to(hub, start.after.tick).await?;
+    let mut until = caught_up_to(hub, start.after.tick, CATCH_UP).await?;
     let mut pass = 0;
     loop {
         pass += 1;
@@ -118,7 +122,7 @@ pub async fn replay(
         }
         if replay.skips_ahead() {
             // A change the snapshot holds is in a tick not yet read (or made).
-            until = caught_up_to(hub, until + 1).await?;
+            until = caught_up_to(hub, until + 1, SKIPPED_AHEAD).await?;
             continue;
         }
         let marker = match synced {
@@ -209,8 +213,8 @@ fn gone_if_overtaken(e: ChangeError) -> ResumeFailed {
 
 /// The tick the hub has started publishing, once it is at least `tick` (this instance's
 /// reader may be behind the one that delivered the client's position).
-async fn caught_up_to(hub: &Hub, tick: i64) -> Result<i64, ResumeFailed> {
-    let deadline = tokio::time::Instant::now() + CATCH_UP;
+async fn caught_up_to(hub: &Hub, tick: i64, wait: Duration) -> Result<i64, ResumeFailed> {
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         let started = hub.tick_started();
         let until = hub.started_tick();

@@ -46,6 +46,9 @@ pub async fn wait_for(
     let mut progressed = Box::pin(hub.progressed());
     progressed.as_mut().enable();
     let tick = loop {
+        if !hub.is_subscribed(conn, service) {
+            return Err(SyncFailed::NotSubscribed);
+        }
         match change::tx_delivery(pool, txid).await {
             Ok(TxDelivery::Nothing) => break 0,
             Ok(TxDelivery::InTick(tick)) => break tick,

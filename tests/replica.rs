@@ -553,3 +553,46 @@ async fn snapshots_started_under_concurrent_writes_and_moves_equal_the_database_
         }
     }
 }
+
+#[tokio::test]
+async fn a_reader_who_may_find_only_its_own_rows_must_pin_its_snapshot_to_them() {
+    let mut config = open_demo();
+    if let Some(messages) = config.services.get_mut("messages") {
+        messages.access = Some(quill::config::Access::PerMethod(quill::config::MethodRules {
+            find: Some(quill::config::Rules::One("owner:user_id".into())),
+            ..Default::default()
+        }));
+    }
+    let q = Quill::start_with(config).await;
+    let (five, token) = q.user("five@x.io", false).await;
+    let (six, _) = q.user("six@x.io", false).await;
+    sql(
+        &q,
+        &format!("INSERT INTO messages (id, text, user_id) VALUES (1, 'mine', {five}), (2, 'theirs', {six})"),
+    )
+    .await;
+    let mut ws = q.ws().await;
+    ws.login(&token).await;
+    // Every row the channels reach would include others' rows: refused, saying what to do.
+    for query in [json!(null), json!({"user_id": six})] {
+        let reply = ws
+            .call("subscribe", "messages", json!({"query": query, "snapshot": true}))
+            .await;
+        assert_eq!(reply["error"]["code"], 403, "{reply}");
+        assert!(
+            reply["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("user_id")),
+            "{reply}"
+        );
+    }
+    ws.ok(
+        "subscribe",
+        "messages",
+        json!({"query": {"user_id": five}, "snapshot": true}),
+    )
+    .await;
+    let mut copy = Copy::default();
+    copy.until_synced(&mut ws).await;
+    assert_eq!(copy.rows.keys().collect::<Vec<_>>(), [&1]);
+}

@@ -455,6 +455,7 @@ pub async fn snapshot_point(conn: &mut PgConnection, schema: &str, table: &str) 
         "SELECT c.seq FROM quill.change_log c, quill.tick t
          WHERE t.id = $1
            AND c.xid >= pg_snapshot_xmin(t.snapshot)
+           AND c.xid < pg_snapshot_xmax(pg_current_snapshot())
            AND NOT pg_visible_in_snapshot(c.xid, t.snapshot)
            AND c.table_schema = $2 AND c.table_name = $3",
     )
@@ -502,8 +503,10 @@ pub enum TxidError {
 
 /// Finds the tick that delivers the changes of transaction `txid`.
 pub async fn tx_delivery(pool: &PgPool, txid: u64) -> Result<TxDelivery, TxidError> {
-    let (future, logged, tick): (bool, bool, Option<i64>) = sqlx::query_as(
+    let (future, running, logged, tick): (bool, bool, bool, Option<i64>) = sqlx::query_as(
         "SELECT $1::text::xid8 >= pg_snapshot_xmax(pg_current_snapshot()),
+                $1::text::xid8 < pg_snapshot_xmax(pg_current_snapshot())
+                    AND pg_xact_status($1::text::xid8) = 'in progress',
                 EXISTS (SELECT 1 FROM quill.change_log WHERE xid = $1::text::xid8),
                 quill.tick_of_xid($1::text::xid8)",
     )
@@ -511,11 +514,13 @@ pub async fn tx_delivery(pool: &PgPool, txid: u64) -> Result<TxDelivery, TxidErr
     .fetch_one(pool)
     .await
     .map_err(ChangeError::from)?;
-    Ok(match (future, logged, tick) {
-        (true, _, _) => return Err(TxidError::Future(txid)),
-        (_, false, _) => TxDelivery::Nothing,
-        (_, true, Some(tick)) => TxDelivery::InTick(tick),
-        (_, true, None) => TxDelivery::NotYet,
+    Ok(match (future, running, logged, tick) {
+        (true, _, _, _) => return Err(TxidError::Future(txid)),
+        // Its log rows are invisible until it commits.
+        (_, true, _, _) => TxDelivery::NotYet,
+        (_, _, false, _) => TxDelivery::Nothing,
+        (_, _, true, Some(tick)) => TxDelivery::InTick(tick),
+        (_, _, true, None) => TxDelivery::NotYet,
     })
 }
 

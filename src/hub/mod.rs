@@ -394,6 +394,7 @@ impl Hub {
             member.subscriptions.remove(service);
         }
         unindex(&mut state.by_service, service, conn);
+        self.progress.notify_waiters();
     }
 
     /// Takes the live events held back during a replay's last pass, in order, for the
@@ -435,6 +436,21 @@ impl Hub {
             member.subscriptions.remove(service);
         }
         unindex(&mut state.by_service, service, conn);
+        // A `sync` waiting on it answers now.
+        self.progress.notify_waiters();
+    }
+
+    /// Whether the connection has a subscription to the service (live or replaying).
+    pub fn is_subscribed(&self, conn: ConnId, service: &str) -> bool {
+        self.read()
+            .members
+            .get(&conn)
+            .is_some_and(|m| m.subscriptions.contains_key(service))
+    }
+
+    /// Whether the subscription is still `replay`'s (a later subscribe did not replace it).
+    pub fn still_replaying(&self, conn: ConnId, service: &str, replay: ReplayId) -> bool {
+        resuming(&self.read(), conn, service, replay).is_some()
     }
 
     /// Cuts a connection off with a reason.
@@ -539,14 +555,7 @@ impl Hub {
         render: impl FnOnce(Vec<serde_json::Value>) -> Frame,
     ) -> Replayed {
         let state = self.read();
-        let Some(member) = state.members.get(&conn) else {
-            return Replayed::Stop;
-        };
-        let Some(sub) = member
-            .subscriptions
-            .get(service)
-            .filter(|s| s.resuming.as_ref().is_some_and(|r| r.replay == replay))
-        else {
+        let Some((member, sub)) = replaying(&state, conn, service, replay) else {
             return Replayed::Stop;
         };
         let user = member.principal.as_deref();
@@ -718,14 +727,7 @@ impl Hub {
         permit: mpsc::Permit<'_, Frame>,
     ) -> Replayed {
         let state = self.read();
-        let Some(member) = state.members.get(&conn) else {
-            return Replayed::Stop;
-        };
-        let Some(sub) = member
-            .subscriptions
-            .get(&*prepared.event.service)
-            .filter(|s| s.resuming.as_ref().is_some_and(|r| r.replay == replay))
-        else {
+        let Some((member, sub)) = replaying(&state, conn, &prepared.event.service, replay) else {
             return Replayed::Stop;
         };
         if !may_filter(member, sub, prepared) {
@@ -859,14 +861,22 @@ fn may_filter(member: &Member, sub: &Subscription, prepared: &Prepared<'_>) -> b
     }
 }
 
+/// A connection and its subscription to `service`, if that is still `replay`'s.
+fn replaying<'s>(
+    state: &'s State,
+    conn: ConnId,
+    service: &str,
+    replay: ReplayId,
+) -> Option<(&'s Member, &'s Subscription)> {
+    let member = state.members.get(&conn)?;
+    let sub = member.subscriptions.get(service)?;
+    sub.resuming
+        .as_ref()
+        .is_some_and(|r| r.replay == replay)
+        .then_some((member, sub))
+}
+
 /// The resume state of a replay's subscription, if it is still that replay's.
 fn resuming<'s>(state: &'s State, conn: ConnId, service: &str, replay: ReplayId) -> Option<&'s Resuming> {
-    state
-        .members
-        .get(&conn)?
-        .subscriptions
-        .get(service)?
-        .resuming
-        .as_ref()
-        .filter(|r| r.replay == replay)
+    replaying(state, conn, service, replay).and_then(|(_, sub)| sub.resuming.as_ref())
 }

@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde_json::Value;
 
 use super::Method;
-use super::access::{MethodAccess, Rule};
+use super::access::{Grant, MethodAccess, Rule};
 use crate::auth::Principal;
 use crate::channel::{EventFilter, Policy, Publisher, TemplatePublisher, Visibility};
 use crate::config::{Access, Multi, ServiceConfig};
-use crate::error::Error;
-use crate::service::query::Query;
+use crate::error::{Error, ErrorKind};
+use crate::service::query::{CompareOp, Condition, Query};
 use crate::store::{Column, Table};
 
 /// What the server writes into a stamped column.
@@ -363,10 +363,31 @@ impl Service {
         Ok(())
     }
 
-    /// Whether the caller may read the service's rows at all (its `find` rules), as a
-    /// snapshot does; which rows it gets is then up to its channels.
-    pub fn check_readable(&self, caller: Option<&Principal>) -> Result<(), Error> {
-        self.access(Method::Find).check(caller).map(|_| ())
+    /// Whether the caller may read the rows a snapshot with this query holds (its `find`
+    /// rules); which rows it gets is then up to its channels. A caller who may find only
+    /// its own rows must pin the query to them (`owner column = its id`).
+    pub fn check_readable(&self, caller: Option<&Principal>, query: Option<&Query>) -> Result<(), Error> {
+        let Grant::Own(columns) = self.access(Method::Find).check(caller)? else {
+            return Ok(());
+        };
+        let pinned = |c: &Principal| {
+            query.is_some_and(|q| {
+                q.filter.iter().any(|condition| {
+                    matches!(condition, Condition::Compare { column, op: CompareOp::Eq, value }
+                        if columns.contains(column) && *value == c.id)
+                })
+            })
+        };
+        if caller.is_some_and(pinned) {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Forbidden,
+            format!(
+                "you may find only your own rows: add {} = your id to the query",
+                columns.join(" or ")
+            ),
+        ))
     }
 
     pub(super) fn access(&self, method: Method) -> &MethodAccess {

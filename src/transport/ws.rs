@@ -17,6 +17,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use serde_json::{Map, Value, json};
+use sqlx::PgPool;
 use tokio::sync::mpsc::{self, Sender, UnboundedReceiver};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -28,8 +29,9 @@ use crate::auth::Principal;
 use crate::change::ResumeError;
 use crate::error::{Error, ErrorKind};
 use crate::event::EventKind;
+use crate::event::Position;
 use crate::hub::{ConnId, Cutoff, Frame, Kick, KindSet, ReplayId, Subscription};
-use crate::resume::{self, ResumeFailed, Start, Subscriber};
+use crate::resume::{self, ResumeFailed, Start, Subscriber, SyncedFrame};
 use crate::service::query::Query;
 use crate::service::{Method, Outcome, Service, ServiceCall};
 use crate::snapshot::Snapshot;
@@ -480,7 +482,7 @@ impl Session<'_> {
         let subscription = parse_subscription(&service, request, caller.as_deref())?;
         if snapshot {
             // The rows themselves: only for a caller that may find them.
-            service.check_readable(caller.as_deref())?;
+            service.check_readable(caller.as_deref(), subscription.query.as_deref())?;
         }
         Ok(Some(ReplayingRequest {
             service,
@@ -614,10 +616,14 @@ impl Replaying {
     /// delivery.
     async fn resume(self, since: i64) {
         let pool = self.state.services.pool().clone();
-        let after = match resume::locate(&pool, since, self.state.limits.max_replay_changes).await {
-            Ok(after) => after,
-            Err(e) => return self.refuse(resume_error(since, e)).await,
-        };
+        match resume::locate(&pool, since, self.state.limits.max_replay_changes).await {
+            Ok(after) => self.replay_after(pool, since, after, None).await,
+            Err(e) => self.refuse(resume_error(since, e)).await,
+        }
+    }
+
+    /// Replies that the subscription resumes from `since`, then replays what came after it.
+    async fn replay_after(self, pool: PgPool, since: i64, after: Position, synced: Option<&SyncedFrame>) {
         let reply = json!({ "subscribed": &*self.service.name, "since": since });
         if self.replies.send(result_frame(&self.reference, reply)).await.is_err() {
             return;
@@ -626,7 +632,7 @@ impl Replaying {
             after,
             skip: HashSet::new(),
         };
-        let replayed = resume::replay(self.subscriber(), pool, start, None).await;
+        let replayed = resume::replay(self.subscriber(), pool, start, synced).await;
         self.end(replayed);
     }
 
@@ -641,18 +647,7 @@ impl Replaying {
         let mut reset = false;
         if let Some(since) = since {
             match resume::locate(&pool, since, self.state.limits.max_replay_changes).await {
-                Ok(after) => {
-                    let reply = json!({ "subscribed": &*self.service.name, "since": since });
-                    if self.replies.send(result_frame(&self.reference, reply)).await.is_err() {
-                        return;
-                    }
-                    let start = Start {
-                        after,
-                        skip: HashSet::new(),
-                    };
-                    let replayed = resume::replay(self.subscriber(), pool, start, Some(&synced)).await;
-                    return self.end(replayed);
-                }
+                Ok(after) => return self.replay_after(pool, since, after, Some(&synced)).await,
                 Err(ResumeFailed::Position(ResumeError::Gone(_)) | ResumeFailed::TooFarBehind { .. }) => reset = true,
                 Err(e) => return self.refuse(resume_error(since, e)).await,
             }
@@ -661,6 +656,10 @@ impl Replaying {
         let Ok(turn) = self.state.snapshots.clone().acquire_owned().await else {
             return;
         };
+        // Replaced while it waited for its turn: read nothing.
+        if !self.state.hub.still_replaying(self.conn, &self.service.name, self.id) {
+            return;
+        }
         let snapshot = match Snapshot::open(&pool, &self.service, query.as_deref()).await {
             Ok(snapshot) => snapshot,
             Err(e) => return self.refuse(resume_error(since.unwrap_or_default(), e)).await,

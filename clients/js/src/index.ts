@@ -48,6 +48,8 @@ export interface ConnectOptions {
   backoff?: { min?: number; max?: number };
   /** How long a call waits for its reply before it fails (ms). */
   timeout?: number;
+  /** How long a connection attempt may take before it is given up and retried (ms). */
+  connectTimeout?: number;
 }
 
 export type ConnectionState = 'connecting' | 'open' | 'closed';
@@ -66,6 +68,8 @@ type WebSocketConstructor = new (url: string) => SocketLike;
 
 /** quill's close codes (see its README). */
 const CLOSE_RELOAD = 4010;
+/** How soon a request refused with 503 (not ready yet) is sent again. */
+const RETRY_MS = 500;
 const OPEN = 1;
 
 type Frame = Record<string, unknown>;
@@ -99,7 +103,8 @@ export class Client {
   #socket: SocketLike | null = null;
   #nextRef = 1;
   #pending = new Map<number, Pending>();
-  #queue: string[] = [];
+  /** Requests waiting for the socket (and the login), by ref. */
+  #queue: Array<{ ref: number; text: string }> = [];
   #subscribers = new Map<string, Subscriber>();
   #attempt = 0;
   #closed = false;
@@ -108,6 +113,8 @@ export class Client {
   #retry: ReturnType<typeof setTimeout> | null = null;
   /** Open and logged in: requests go out at once, else they are queued. */
   #ready = false;
+  /** Subscribers whose subscribe reply has not been read yet. */
+  #awaitingReply = new Set<Subscriber>();
   /** Resolves when the connection is open (and logged in, with a token). */
   #opened: Promise<void>;
   #markOpen: () => void = () => {};
@@ -190,6 +197,8 @@ export class Client {
       const timeout = this.#options.timeout ?? 30_000;
       const timer = setTimeout(() => {
         this.#pending.delete(ref);
+        // Failed: it must not go out later, when the app may have retried it.
+        this.#queue = this.#queue.filter((q) => q.ref !== ref);
         reject(new QuillError({ name: 'Timeout', message: `no reply within ${timeout} ms`, code: 408, className: 'timeout' }));
       }, timeout);
       this.#pending.set(ref, {
@@ -201,16 +210,22 @@ export class Client {
         timer
       });
       if (this.#ready && this.#socket?.readyState === OPEN) this.#socket.send(text);
-      else this.#queue.push(text);
+      else this.#queue.push({ ref, text });
     });
   }
 
   /** @internal Sends a request frame without waiting for the reply (replies route by ref). */
   sendSubscribe(service: string, subscriber: Subscriber): void {
+    this.#awaitingReply.add(subscriber);
     this.#request(subscriber.request(), (reply) => {
+      this.#awaitingReply.delete(subscriber);
       // A later subscribe to the service replaced this one meanwhile: ignore.
       if (this.#subscribers.get(service) === subscriber) subscriber.subscribed(reply);
-    }).catch(() => {});
+    }).catch(() => {
+      // Lost with the connection (sent again on the next one) or timed out: frames that
+      // follow are this subscription's, whatever became of the reply.
+      this.#awaitingReply.delete(subscriber);
+    });
   }
 
   /** @internal */
@@ -231,7 +246,18 @@ export class Client {
     this.#emit('connecting');
     const socket = new Socket(this.url);
     this.#socket = socket;
+    // An attempt that neither opens nor fails (a black-holed network) is given up.
+    const connecting = setTimeout(() => {
+      socket.onopen = socket.onclose = socket.onmessage = null;
+      try {
+        socket.close();
+      } catch {
+        // still connecting: nothing to close cleanly
+      }
+      this.#lost(socket, 1006);
+    }, this.#options.connectTimeout ?? 10_000);
     socket.onopen = () => {
+      clearTimeout(connecting);
       this.#attempt = 0;
       // Queued requests (subscriptions first) go out once logged in, in order: quill runs
       // calls concurrently, so a subscribe sent beside the login could run before it.
@@ -240,7 +266,7 @@ export class Client {
         this.#ready = true;
         const queued = this.#queue;
         this.#queue = [];
-        for (const text of queued) socket.send(text);
+        for (const { text } of queued) socket.send(text);
         this.#emit('open');
         this.#markOpen();
       };
@@ -268,7 +294,9 @@ export class Client {
       }
       if (typeof frame.event === 'string') {
         const subscriber = typeof frame.service === 'string' ? this.#subscribers.get(frame.service) : undefined;
-        subscriber?.frame(frame);
+        // Until its reply, frames of the service are an earlier subscription's (one that
+        // was replaced, e.g. another room): never this one's.
+        if (subscriber && !this.#awaitingReply.has(subscriber)) subscriber.frame(frame);
         return;
       }
       const pending = typeof frame.ref === 'number' ? this.#pending.get(frame.ref) : undefined;
@@ -280,27 +308,37 @@ export class Client {
     };
     socket.onerror = () => {};
     socket.onclose = (event) => {
-      if (this.#socket !== socket) return;
-      this.#socket = null;
-      this.#ready = false;
-      this.#opened = new Promise((resolve) => (this.#markOpen = resolve));
-      // Calls in flight may or may not have happened: their callers decide.
-      this.#failPending(new QuillError({ name: 'Unavailable', message: `connection closed (${event.code})`, code: 503, className: 'unavailable' }));
-      const reload = event.code === CLOSE_RELOAD;
-      for (const subscriber of this.#subscribers.values()) subscriber.disconnected(reload);
-      this.#emit('closed');
-      if (this.#closed) return;
-      const { min = 100, max = 10_000 } = this.#options.backoff ?? {};
-      const delay = Math.random() * Math.min(max, min * 2 ** this.#attempt);
-      this.#attempt = Math.min(this.#attempt + 1, 30);
-      this.#retry = setTimeout(() => {
-        this.#retry = null;
-        if (this.#closed) return;
-        // Subscriptions go first on the new socket, each from where it stopped.
-        for (const [service, subscriber] of this.#subscribers) this.sendSubscribe(service, subscriber);
-        this.#open();
-      }, delay);
+      clearTimeout(connecting);
+      this.#lost(socket, event.code);
     };
+  }
+
+  /** The socket closed (or never opened): fail what was in flight, then reconnect. */
+  #lost(socket: SocketLike, code: number): void {
+    if (this.#socket !== socket) return;
+    this.#socket = null;
+    this.#ready = false;
+    this.#opened = new Promise((resolve) => (this.#markOpen = resolve));
+    // Calls in flight may or may not have happened: their callers decide.
+    this.#failPending(new QuillError({ name: 'Unavailable', message: `connection closed (${code})`, code: 503, className: 'unavailable' }));
+    const reload = code === CLOSE_RELOAD;
+    for (const subscriber of this.#subscribers.values()) subscriber.disconnected(reload);
+    this.#emit('closed');
+    if (this.#closed) return;
+    const { min = 100, max = 10_000 } = this.#options.backoff ?? {};
+    const delay = Math.random() * Math.min(max, min * 2 ** this.#attempt);
+    this.#attempt = Math.min(this.#attempt + 1, 30);
+    this.#retry = setTimeout(() => {
+      this.#retry = null;
+      if (this.#closed) return;
+      // Subscriptions go first on the new socket, each from where it stopped, then the
+      // calls made meanwhile (a `sync` needs its subscription).
+      const meanwhile = this.#queue;
+      this.#queue = [];
+      for (const [service, subscriber] of this.#subscribers) this.sendSubscribe(service, subscriber);
+      this.#queue.push(...meanwhile);
+      this.#open();
+    }, delay);
   }
 
   #failPending(error: Error): void {
@@ -344,6 +382,7 @@ export class ServiceClient<T extends Row = Row> {
 /** Events of one service, resumed with `since` after every reconnect. */
 export class Subscription implements Subscriber {
   #lastSeq: number | null = null;
+  #closed = false;
   constructor(
     readonly client: Client,
     readonly service: string,
@@ -368,6 +407,9 @@ export class Subscription implements Subscriber {
       this.#lastSeq = null;
       this.options.onReload?.();
       this.client.sendSubscribe(this.service, this);
+    } else if (error?.code === 503) {
+      // quill or its database is not ready: the same request again shortly.
+      setTimeout(() => this.#closed || this.client.sendSubscribe(this.service, this), RETRY_MS);
     }
   }
 
@@ -384,6 +426,7 @@ export class Subscription implements Subscriber {
   }
 
   close(): void {
+    this.#closed = true;
     this.client.detach(this.service, this);
   }
 }
@@ -489,6 +532,7 @@ export class Replica<T extends Row = Row> implements Subscriber {
   close(): void {
     this.#closed = true;
     this.client.detach(this.service, this);
+    this.#failWaiters(new Error('the replica was closed'));
   }
 
   request(): Frame {
@@ -510,10 +554,12 @@ export class Replica<T extends Row = Row> implements Subscriber {
       const error = new QuillError(reply.error as Record<string, never>);
       if (error.code === 503) {
         // The database or this instance is not ready: try again shortly.
-        if (!this.#closed) setTimeout(() => this.#closed || this.client.sendSubscribe(this.service, this), 500);
+        if (!this.#closed) setTimeout(() => this.#closed || this.client.sendSubscribe(this.service, this), RETRY_MS);
       } else {
-        // Refused (not allowed, a bad query): nothing to keep in sync.
+        // Refused (not allowed, a bad query, a token that expired): nothing is kept in
+        // sync any more; whoever waits is told.
         this.#failReady(error);
+        this.#failWaiters(error);
       }
     }
   }
@@ -521,9 +567,12 @@ export class Replica<T extends Row = Row> implements Subscriber {
   frame(frame: Frame): void {
     const target = this.#staging ?? this.#rows;
     switch (frame.event) {
-      case 'snapshot':
-        for (const row of frame.rows as T[]) target.set(this.#idOf(row), row);
+      case 'snapshot': {
+        // A snapshot replaces the copy at its synced, even if its reply was missed.
+        if (this.#staging === null) this.#staging = new Map();
+        for (const row of frame.rows as T[]) this.#staging.set(this.#idOf(row), row);
         return;
+      }
       case 'synced':
         if (typeof frame.txid === 'string') return this.#txidSynced(frame.txid);
         this.#lastSeq = frame.seq as number;
@@ -550,7 +599,9 @@ export class Replica<T extends Row = Row> implements Subscriber {
       default:
         return;
     }
-    if (typeof frame.seq === 'number') this.#lastSeq = frame.seq;
+    // While a snapshot is collected, the copy's position stays where the copy is: a
+    // disconnect now resumes the copy, not the half-received snapshot.
+    if (typeof frame.seq === 'number' && this.#staging === null) this.#lastSeq = frame.seq;
     if (this.#synced) this.#scheduleNotify();
   }
 
@@ -586,12 +637,22 @@ export class Replica<T extends Row = Row> implements Subscriber {
 
   #askSync(txid: string): void {
     this.client.call('sync', this.service, { txid }).catch((error: unknown) => {
-      // Lost with the connection: asked again at the next synced. Refused: say so.
-      if (error instanceof QuillError && error.code === 503) return;
+      if (this.#closed || !this.#waiting.has(txid)) return;
+      if (error instanceof QuillError && error.code === 503) {
+        // Lost with the connection (asked again at the next synced) or the database is
+        // down for a moment: ask again shortly either way.
+        setTimeout(() => this.#synced && this.#waiting.has(txid) && this.#askSync(txid), RETRY_MS);
+        return;
+      }
       const list = this.#waiting.get(txid);
       this.#waiting.delete(txid);
       for (const waiter of list ?? []) waiter.reject(error as Error);
     });
+  }
+
+  #failWaiters(error: Error): void {
+    for (const list of this.#waiting.values()) for (const waiter of list) waiter.reject(error);
+    this.#waiting.clear();
   }
 
   #changed(id: unknown, put: boolean): void {
