@@ -596,3 +596,43 @@ async fn a_reader_who_may_find_only_its_own_rows_must_pin_its_snapshot_to_them()
     copy.until_synced(&mut ws).await;
     assert_eq!(copy.rows.keys().collect::<Vec<_>>(), [&1]);
 }
+
+#[tokio::test]
+async fn a_sync_waits_for_a_running_transaction_and_ends_when_the_subscription_does() {
+    let q = Quill::start().await;
+    users(&q, &[5]).await;
+    let mut ws = q.ws().await;
+    ws.ok("subscribe", "messages", json!({})).await;
+    // A transaction left open: its changes are not visible yet, so its sync waits.
+    let mut open = q.sql().await.begin().await.expect("begin");
+    let txid: String = sqlx::query_scalar(
+        "WITH w AS (INSERT INTO messages (text, user_id) VALUES ('pending', 5)) SELECT pg_current_xact_id()::text",
+    )
+    .fetch_one(&mut *open)
+    .await
+    .expect("write in an open transaction");
+    ws.send_text(&json!({"ref": "s", "method": "sync", "service": "messages", "txid": txid}).to_string())
+        .await;
+    // A later call is answered while the sync waits (it is not a timeout that ends it).
+    ws.send_text(&json!({"ref": "f", "method": "find", "service": "messages"}).to_string())
+        .await;
+    let found = ws.next_frame().await;
+    assert_eq!(found["ref"], "f", "the find is answered first: {found}");
+    // Then the unsubscribe ends the wait at once.
+    ws.send_text(&json!({"ref": "u", "method": "unsubscribe", "service": "messages"}).to_string())
+        .await;
+    let mut replies = BTreeMap::new();
+    while replies.len() < 2 {
+        let frame = ws.next_frame().await;
+        replies.insert(frame["ref"].as_str().unwrap_or_default().to_owned(), frame);
+    }
+    let reply = &replies["s"];
+    assert_eq!(reply["error"]["code"], 400, "not a timeout: {reply}");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not subscribed")),
+        "{reply}"
+    );
+    open.rollback().await.expect("rollback");
+}

@@ -503,24 +503,29 @@ pub enum TxidError {
 
 /// Finds the tick that delivers the changes of transaction `txid`.
 pub async fn tx_delivery(pool: &PgPool, txid: u64) -> Result<TxDelivery, TxidError> {
-    let (future, running, logged, tick): (bool, bool, bool, Option<i64>) = sqlx::query_as(
-        "SELECT $1::text::xid8 >= pg_snapshot_xmax(pg_current_snapshot()),
-                $1::text::xid8 < pg_snapshot_xmax(pg_current_snapshot())
-                    AND pg_xact_status($1::text::xid8) = 'in progress',
+    // pg_xact_status fails for a transaction id not yet assigned; NULL for one too old to
+    // know (delivered long ago). A snapshot's xmax is no test: it is one past the newest
+    // completed transaction, so running ones may be above it.
+    let row: Result<(Option<String>, bool, Option<i64>), sqlx::Error> = sqlx::query_as(
+        "SELECT pg_xact_status($1::text::xid8),
                 EXISTS (SELECT 1 FROM quill.change_log WHERE xid = $1::text::xid8),
                 quill.tick_of_xid($1::text::xid8)",
     )
     .bind(txid.to_string())
     .fetch_one(pool)
-    .await
-    .map_err(ChangeError::from)?;
-    Ok(match (future, running, logged, tick) {
-        (true, _, _, _) => return Err(TxidError::Future(txid)),
+    .await;
+    let (status, logged, tick) = match row {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("22023") => {
+            return Err(TxidError::Future(txid));
+        }
+        row => row.map_err(ChangeError::from)?,
+    };
+    Ok(match (status.as_deref(), logged, tick) {
         // Its log rows are invisible until it commits.
-        (_, true, _, _) => TxDelivery::NotYet,
-        (_, _, false, _) => TxDelivery::Nothing,
-        (_, _, true, Some(tick)) => TxDelivery::InTick(tick),
-        (_, _, true, None) => TxDelivery::NotYet,
+        (Some("in progress"), _, _) => TxDelivery::NotYet,
+        (_, false, _) => TxDelivery::Nothing,
+        (_, true, Some(tick)) => TxDelivery::InTick(tick),
+        (_, true, None) => TxDelivery::NotYet,
     })
 }
 
