@@ -312,3 +312,78 @@ async fn restricted_fields_are_rendered_once_per_view() {
     );
     assert_eq!(serde_json::from_slice::<Value>(&a.data).expect("json")["secret"], "s");
 }
+
+#[tokio::test]
+async fn synced_at_the_hand_over_comes_after_the_replay_and_before_every_live_event() {
+    let hub = Hub::new();
+    let p = policy(&["anonymous"]);
+    let mut m = hub.join(8);
+    let tx = m.replies.clone();
+    hub.begin_tick(5);
+    let replay = hub.subscribe_replaying(m.id, Arc::from("messages"), all());
+    let permit = tx.try_reserve().expect("room");
+    let synced = Frame::Text(bytes::Bytes::from_static(b"synced"));
+    assert_eq!(
+        hub.go_live(m.id, "messages", replay, 5, false, Some((permit, synced))),
+        HandOver::Live
+    );
+    hub.begin_tick(6);
+    publish(&hub, &p, &at(6, 60));
+    assert!(matches!(m.frames.try_recv(), Ok(Frame::Text(t)) if &t[..] == b"synced"));
+    assert_eq!(data_of(m.frames.try_recv().expect("live")).get("id"), Some(&json!(60)));
+}
+
+#[tokio::test]
+async fn a_delivery_mark_waits_for_the_tick_to_end_the_subscription_to_be_live_and_the_overflow_to_drain() {
+    let hub = Hub::new();
+    let p = policy(&["anonymous"]);
+    let mut m = hub.join(1);
+    let tx = m.replies.clone();
+    let mark = || Frame::Text(bytes::Bytes::from_static(b"mark"));
+    assert_eq!(
+        hub.mark_delivered(m.id, "messages", 1, tx.try_reserve().expect("room"), mark()),
+        Marked::NotSubscribed
+    );
+    let replay = hub.subscribe_replaying(m.id, Arc::from("messages"), all());
+    hub.end_ticks_through(7);
+    // Replaying: its events up to the mark may still be on their way.
+    assert_eq!(
+        hub.mark_delivered(m.id, "messages", 7, tx.try_reserve().expect("room"), mark()),
+        Marked::NotYet
+    );
+    assert_eq!(hub.go_live(m.id, "messages", replay, 7, false, None), HandOver::Live);
+    // Tick 8 is published (one frame queued, one parked) but has not ended.
+    hub.begin_tick(8);
+    publish(&hub, &p, &at(8, 80));
+    publish(&hub, &p, &at(8, 81));
+    assert_eq!(
+        data_of(m.frames.try_recv().expect("queued")).get("id"),
+        Some(&json!(80))
+    );
+    assert_eq!(
+        hub.mark_delivered(m.id, "messages", 8, tx.try_reserve().expect("room"), mark()),
+        Marked::NotYet,
+        "tick 8 has not ended"
+    );
+    hub.end_ticks_through(8);
+    assert_eq!(
+        hub.mark_delivered(m.id, "messages", 8, tx.try_reserve().expect("room"), mark()),
+        Marked::NotYet,
+        "81 is still parked: the mark would overtake it"
+    );
+    hub.flush(Duration::from_secs(1)).await;
+    assert_eq!(
+        data_of(m.frames.try_recv().expect("flushed")).get("id"),
+        Some(&json!(81))
+    );
+    assert_eq!(
+        hub.mark_delivered(m.id, "messages", 8, tx.try_reserve().expect("room"), mark()),
+        Marked::Sent
+    );
+    assert!(matches!(m.frames.try_recv(), Ok(Frame::Text(t)) if &t[..] == b"mark"));
+    hub.unsubscribe(m.id, "messages");
+    assert_eq!(
+        hub.mark_delivered(m.id, "messages", 8, tx.try_reserve().expect("room"), mark()),
+        Marked::NotSubscribed
+    );
+}
