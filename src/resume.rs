@@ -192,7 +192,12 @@ async fn send_held(to: Subscriber<'_>) {
         match to.hub.release(to.conn, &to.service.name, to.replay) {
             Released::More(held) => {
                 for frame in held {
-                    if to.frames.send(frame).await.is_err() {
+                    // Room first, then the check and the send at once: a subscribe that
+                    // supersedes the replay meanwhile is followed by none of them.
+                    let Ok(permit) = to.frames.reserve().await else {
+                        return;
+                    };
+                    if !to.hub.replay_frame(to.conn, &to.service.name, to.replay, permit, frame) {
                         return;
                     }
                     to.hub.metrics().events_delivered.inc();

@@ -524,8 +524,8 @@ impl Hub {
         Marked::Sent
     }
 
-    /// Queues a frame of a replay (its `synced` after the last pass) if the subscription is
-    /// still that replay's; false when it is not.
+    /// Queues a frame of a replay (a held event, its `synced` after the last pass) if the
+    /// subscription is still that replay's; false when it is not.
     pub fn replay_frame(
         &self,
         conn: ConnId,
