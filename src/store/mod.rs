@@ -6,6 +6,7 @@ mod catalog;
 mod sql;
 
 use serde_json::{Map, Value};
+use sqlx::Arguments;
 use sqlx::postgres::{PgArguments, PgDatabaseError};
 use sqlx::query::{QueryAs, QueryScalar};
 use sqlx::types::Json;
@@ -42,16 +43,20 @@ impl Store {
         limit: Option<i64>,
     ) -> Result<Vec<Value>> {
         let st = sql::select(table, query, id, limit);
-        rows(&st).fetch_all(&self.pool).await.map(unwrap_rows).map_err(db_error)
+        rows(&st)?
+            .fetch_all(&self.pool)
+            .await
+            .map(unwrap_rows)
+            .map_err(db_error)
     }
 
     pub async fn count(&self, table: &Table, filter: &[Condition]) -> Result<i64> {
         let st = sql::count(table, filter);
-        let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(st.sql.clone()));
-        for b in &st.binds {
-            q = bind(q, b);
-        }
-        q.fetch_one(&self.pool).await.map_err(db_error)
+        let args = arguments(&st.binds).map_err(db_error)?;
+        sqlx::query_scalar_with::<_, i64, _>(AssertSqlSafe(st.sql), args)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)
     }
 
     /// Inserts rows; several rows go in one transaction, so either all or none are written.
@@ -59,14 +64,14 @@ impl Store {
         if let [item] = items {
             // One statement is atomic by itself: no BEGIN and COMMIT round trips.
             let st = sql::insert(table, item);
-            let row = written(&st).fetch_one(&self.pool).await.map_err(db_error)?;
+            let row = written(&st)?.fetch_one(&self.pool).await.map_err(db_error)?;
             return Ok(Written::from(vec![row]));
         }
         let mut tx = self.pool.begin().await.map_err(db_error)?;
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             let st = sql::insert(table, item);
-            out.push(written(&st).fetch_one(&mut *tx).await.map_err(db_error)?);
+            out.push(written(&st)?.fetch_one(&mut *tx).await.map_err(db_error)?);
         }
         tx.commit().await.map_err(db_error)?;
         Ok(Written::from(out))
@@ -80,7 +85,7 @@ impl Store {
         mode: WriteMode<'_>,
     ) -> Result<Written> {
         let st = sql::update(table, target, row, mode);
-        written(&st)
+        written(&st)?
             .fetch_all(&self.pool)
             .await
             .map(Written::from)
@@ -89,7 +94,7 @@ impl Store {
 
     pub async fn delete(&self, table: &Table, target: Target<'_>) -> Result<Written> {
         let st = sql::delete(table, target);
-        written(&st)
+        written(&st)?
             .fetch_all(&self.pool)
             .await
             .map(Written::from)
@@ -117,18 +122,10 @@ impl From<Vec<(Json<Value>, String)>> for Written {
 
 /// A write statement (ending in `RETURNING row_to_json(t)`) that also returns its
 /// transaction's id.
-fn written(st: &Statement) -> QueryAs<'_, Postgres, (Json<Value>, String), PgArguments> {
+fn written(st: &Statement) -> Result<QueryAs<'static, Postgres, (Json<Value>, String), PgArguments>> {
     let sql = format!("{}, pg_current_xact_id()::text", st.sql);
-    let mut q = sqlx::query_as::<_, (Json<Value>, String)>(AssertSqlSafe(sql));
-    for b in &st.binds {
-        q = match b {
-            Bind::Text(s) => q.bind(s.as_str()),
-            Bind::TextArray(items) => q.bind(items.as_slice()),
-            Bind::Json(v) => q.bind(Json(v)),
-            Bind::Int(n) => q.bind(*n),
-        };
-    }
-    q
+    let args = arguments(&st.binds).map_err(db_error)?;
+    Ok(sqlx::query_as_with(AssertSqlSafe(sql), args))
 }
 
 /// The cursor a snapshot reads through (one per transaction).
@@ -144,7 +141,7 @@ pub async fn open_scan(conn: &mut PgConnection, table: &Table, filter: &[Conditi
     };
     let mut st = sql::select(table, &query, None, None);
     st.sql = format!("DECLARE {SCAN_CURSOR} NO SCROLL CURSOR FOR {}", st.sql);
-    rows(&st).fetch_all(&mut *conn).await.map_err(db_error)?;
+    rows(&st)?.fetch_all(&mut *conn).await.map_err(db_error)?;
     Ok(())
 }
 
@@ -158,24 +155,24 @@ pub async fn scan_page(conn: &mut PgConnection, size: u32) -> Result<Vec<Value>>
         .map_err(db_error)
 }
 
-fn rows(st: &Statement) -> QueryScalar<'_, Postgres, Json<Value>, PgArguments> {
-    let mut q = sqlx::query_scalar::<_, Json<Value>>(AssertSqlSafe(st.sql.clone()));
-    for b in &st.binds {
-        q = bind(q, b);
-    }
-    q
+fn rows(st: &Statement) -> Result<QueryScalar<'static, Postgres, Json<Value>, PgArguments>> {
+    let args = arguments(&st.binds).map_err(db_error)?;
+    Ok(sqlx::query_scalar_with(AssertSqlSafe(st.sql.clone()), args))
 }
 
-fn bind<'q, O>(
-    q: QueryScalar<'q, Postgres, O, PgArguments>,
-    value: &'q Bind,
-) -> QueryScalar<'q, Postgres, O, PgArguments> {
-    match value {
-        Bind::Text(s) => q.bind(s.as_str()),
-        Bind::TextArray(items) => q.bind(items.as_slice()),
-        Bind::Json(v) => q.bind(Json(v)),
-        Bind::Int(n) => q.bind(*n),
+/// A statement's values, encoded once, for any of the query shapes above.
+fn arguments(binds: &[Bind]) -> std::result::Result<PgArguments, sqlx::Error> {
+    let mut args = PgArguments::default();
+    for b in binds {
+        match b {
+            Bind::Text(s) => args.add(s.as_str()),
+            Bind::TextArray(items) => args.add(items.as_slice()),
+            Bind::Json(v) => args.add(Json(v)),
+            Bind::Int(n) => args.add(*n),
+        }
+        .map_err(sqlx::Error::Encode)?;
     }
+    Ok(args)
 }
 
 fn unwrap_rows(rows: Vec<Json<Value>>) -> Vec<Value> {
