@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use serde::Serialize;
 use serde_json::Value;
 
@@ -52,6 +54,8 @@ pub struct ServiceEvent {
     pub old: Option<Value>,
     /// Where the event stands in the delivery order.
     pub position: Position,
+    /// When the change was written (microseconds since the epoch; absent for snapshot rows).
+    pub written_us: Option<i64>,
 }
 
 /// A place in the delivery order: the tick (commit-order batch) that delivered a change, and
@@ -60,4 +64,25 @@ pub struct ServiceEvent {
 pub struct Position {
     pub tick: i64,
     pub seq: i64,
+}
+
+/// An event rendered for one view, shared by every connection with that view.
+#[derive(Debug)]
+pub struct RenderedEvent {
+    pub service: Arc<str>,
+    pub kind: EventKind,
+    pub seq: i64,
+    /// The row as JSON.
+    pub data: Bytes,
+    /// The whole `/ws` frame.
+    pub ws: Bytes,
+}
+
+/// An event as a Supabase Realtime `postgres_changes` record (the `data` of its frame:
+/// `schema`, `table`, `commit_timestamp`, `type`, `columns`, `errors`, `record`,
+/// `old_record`), rendered for one view and shared by every connection with that view.
+#[derive(Debug)]
+pub struct ChangeRecord {
+    pub seq: i64,
+    pub data: Bytes,
 }

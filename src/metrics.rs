@@ -19,6 +19,9 @@ pub struct Metrics {
     pub events_filtered: Counter,
     /// Connections cut off because they did not read fast enough.
     pub slow_consumer_disconnects: Counter,
+    /// Broadcast messages queued to receivers, and those a full queue made them miss.
+    pub broadcasts_delivered: Counter,
+    pub broadcasts_dropped: Counter,
     /// Open WebSocket connections.
     pub connections: Gauge,
     /// 1 while the LISTEN connection is up.
@@ -61,6 +64,8 @@ impl Default for Metrics {
             events_delivered: Counter::default(),
             events_filtered: Counter::default(),
             slow_consumer_disconnects: Counter::default(),
+            broadcasts_delivered: Counter::default(),
+            broadcasts_dropped: Counter::default(),
             connections: Gauge::default(),
             listener_connected: Gauge::default(),
             listener_reconnects: Counter::default(),
@@ -98,6 +103,16 @@ impl Default for Metrics {
             "slow_consumer_disconnects",
             "Connections cut off for not reading fast enough",
             m.slow_consumer_disconnects.clone(),
+        );
+        registry.register(
+            "broadcasts_delivered",
+            "Broadcast messages queued to receivers",
+            m.broadcasts_delivered.clone(),
+        );
+        registry.register(
+            "broadcasts_dropped",
+            "Broadcast messages a receiver missed because its queue was full",
+            m.broadcasts_dropped.clone(),
         );
         registry.register("connections", "Open WebSocket connections", m.connections.clone());
         registry.register(

@@ -88,7 +88,7 @@ fn publish(change: &Change, services: &Services, hub: &Hub) {
             services.check_row_shape(service, &change.row);
         }
         let event = event_for(change, service);
-        hub.publish(&mut service.policy.prepare(&event));
+        hub.publish(&mut service.policy.prepare(&event).on_table(service.table()));
     }
 }
 
@@ -131,5 +131,6 @@ pub fn event_for(change: &Change, service: &Service) -> ServiceEvent {
             tick: change.tick,
             seq: change.seq,
         },
+        written_us: change.written_us,
     }
 }

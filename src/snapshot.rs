@@ -83,6 +83,7 @@ impl Snapshot {
                         data: row,
                         old: None,
                         position,
+                        written_us: None,
                     }
                 })
                 .collect();

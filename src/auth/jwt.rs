@@ -44,6 +44,8 @@ pub(super) struct Tokens {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    /// The same checks without a subject: API keys (`role: "anon"`) have none.
+    key_validation: Validation,
     expires_in: u64,
     audience: String,
     issuer: String,
@@ -57,10 +59,13 @@ impl Tokens {
         validation.set_issuer(&[&config.issuer]);
         validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
         validation.validate_nbf = true;
+        let mut key_validation = validation.clone();
+        key_validation.set_required_spec_claims(&["exp", "aud", "iss"]);
         Self {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
+            key_validation,
             expires_in: config.expires_in_seconds,
             audience: config.audience.clone(),
             issuer: config.issuer.clone(),
@@ -85,6 +90,25 @@ impl Tokens {
     /// and issuer.
     pub(super) fn verify(&self, token: &str) -> Result<Claims, JwtError> {
         Ok(decode::<Claims>(token, &self.decoding, &self.validation)?.claims)
+    }
+
+    /// Checks a token as [`Tokens::verify`] does, but `sub` may be missing: the claims.
+    pub(super) fn verify_key(&self, token: &str) -> Result<Map<String, Value>, jsonwebtoken::errors::Error> {
+        Ok(decode::<Map<String, Value>>(token, &self.decoding, &self.key_validation)?.claims)
+    }
+
+    /// An API key: `role` and no subject, valid for `valid_for` seconds (Supabase's anon
+    /// key, signed with quill's secret).
+    pub(super) fn issue_key(&self, role: &str, valid_for: u64) -> Result<String, JwtError> {
+        let now = get_current_timestamp();
+        let claims = serde_json::json!({
+            "iss": self.issuer,
+            "aud": self.audience,
+            "role": role,
+            "iat": now,
+            "exp": now.saturating_add(valid_for),
+        });
+        Ok(encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?)
     }
 }
 
@@ -160,9 +184,24 @@ impl ExternalTokens {
         &self.id_prefix
     }
 
+    /// Checks signature, expiry, not-before, audience and issuer: the claims.
+    pub(super) fn verify_claims(&self, token: &str) -> Result<Map<String, Value>, jsonwebtoken::errors::Error> {
+        Ok(decode::<Map<String, Value>>(token, &self.key, &self.validation)?.claims)
+    }
+
+    /// The claim that names the user's role, if one is configured.
+    pub(super) fn role_claim(&self) -> Option<&str> {
+        self.role_claim.as_deref()
+    }
+
+    /// Whether the claims name a user (the id claim is there).
+    pub(super) fn names_user(&self, claims: &Map<String, Value>) -> bool {
+        claims.contains_key(&self.id_claim)
+    }
+
     /// Checks signature, expiry, not-before, audience and issuer; the id is prefixed.
     pub(super) fn verify(&self, token: &str) -> Result<ExternalUser, JwtError> {
-        let claims = decode::<Map<String, Value>>(token, &self.key, &self.validation)?.claims;
+        let claims = self.verify_claims(token)?;
         let id = match claims.get(&self.id_claim) {
             Some(Value::String(s)) if !s.is_empty() => format!("{}{s}", self.id_prefix),
             Some(Value::Number(n)) => format!("{}{n}", self.id_prefix),

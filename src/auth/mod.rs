@@ -4,6 +4,7 @@
 //! Feathers-shaped: `create` on `authentication` with `{strategy: "local", email, password}`
 //! or `{strategy: "jwt", accessToken}` answers `{accessToken, authentication, user}`.
 
+mod api_key;
 mod jwt;
 mod limit;
 pub mod password;
@@ -19,6 +20,7 @@ use jsonwebtoken::get_current_timestamp;
 
 use serde_json::{Value, json};
 
+pub use api_key::{KeyHolder, KeyRefused};
 pub use jwt::{Claims, JwtError, generate_secret};
 pub use limit::network_of;
 pub use principal::Principal;

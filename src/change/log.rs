@@ -112,7 +112,16 @@ impl TickCursor {
             match (row.seq, row.table_schema, row.table_name, row.kind, row.row_data) {
                 _ if row.read_later => later.push((row.prev, row.tick)),
                 (Some(seq), Some(schema), Some(table), Some(kind), Some(data)) => {
-                    changes.push(change(seq, row.tick, schema, table, kind, data.0, old)?);
+                    let logged = Logged {
+                        seq,
+                        table_schema: schema,
+                        table_name: table,
+                        kind,
+                        row: data.0,
+                        old,
+                        written_us: row.written_us,
+                    };
+                    changes.push(logged.into_change(row.tick)?);
                 }
                 _ => {} // a tick without changes
             }
@@ -129,39 +138,54 @@ impl TickCursor {
 
 /// Loads the changes with these seqs, in seq order.
 async fn fetch(pool: &PgPool, tick: i64, seqs: &[i64]) -> Result<Vec<Change>, ChangeError> {
-    type Logged = (i64, String, String, String, Json<Value>, Option<Json<Value>>);
-    let rows: Vec<Logged> = sqlx::query_as(
-        "SELECT seq, table_schema, table_name, kind, row_data, old_data FROM quill.change_log
-         WHERE seq = ANY($1) ORDER BY seq",
+    type Row = (i64, String, String, String, Json<Value>, Option<Json<Value>>, i64);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT seq, table_schema, table_name, kind, row_data, old_data, quill.unix_us(changed_at)
+         FROM quill.change_log WHERE seq = ANY($1) ORDER BY seq",
     )
     .bind(seqs)
     .fetch_all(pool)
     .await?;
     rows.into_iter()
-        .map(|(seq, table_schema, table_name, kind, row, old)| {
-            change(seq, tick, table_schema, table_name, kind, row.0, old.map(|o| o.0))
+        .map(|(seq, table_schema, table_name, kind, row, old, written_us)| {
+            let logged = Logged {
+                seq,
+                table_schema,
+                table_name,
+                kind,
+                row: row.0,
+                old: old.map(|o| o.0),
+                written_us: Some(written_us),
+            };
+            logged.into_change(tick)
         })
         .collect()
 }
 
-fn change(
+/// One row of the change log as read.
+struct Logged {
     seq: i64,
-    tick: i64,
     table_schema: String,
     table_name: String,
     kind: String,
     row: Value,
     old: Option<Value>,
-) -> Result<Change, ChangeError> {
-    Ok(Change {
-        seq,
-        tick,
-        table_schema,
-        table_name,
-        kind: EventKind::parse(&kind).ok_or(ChangeError::UnknownKind(kind))?,
-        row,
-        old,
-    })
+    written_us: Option<i64>,
+}
+
+impl Logged {
+    fn into_change(self, tick: i64) -> Result<Change, ChangeError> {
+        Ok(Change {
+            seq: self.seq,
+            tick,
+            table_schema: self.table_schema,
+            table_name: self.table_name,
+            kind: EventKind::parse(&self.kind).ok_or(ChangeError::UnknownKind(self.kind))?,
+            row: self.row,
+            old: self.old,
+            written_us: self.written_us,
+        })
+    }
 }
 
 /// A row of `quill.poll` (see its migration for the three kinds).
@@ -176,6 +200,7 @@ struct Polled {
     kind: Option<String>,
     row_data: Option<Json<Value>>,
     old_data: Option<Json<Value>>,
+    written_us: Option<i64>,
 }
 
 /// How often a reader records its position in `quill.reader` (the pruner's floor). A
@@ -358,7 +383,7 @@ impl LogReader {
     /// Returns the changes read and whether there were new ticks.
     async fn poll(&mut self) -> Result<(Vec<Change>, bool), ChangeError> {
         let query = sqlx::query_as::<_, Polled>(
-            "SELECT prev, tick, read_later, seq, table_schema, table_name, kind, row_data, old_data FROM quill.poll($1, $2)",
+            "SELECT prev, tick, read_later, seq, table_schema, table_name, kind, row_data, old_data, written_us FROM quill.poll($1, $2)",
         )
         .bind(self.cursor.last_tick)
         .bind(PAGE as i32);
@@ -614,7 +639,7 @@ impl Replay {
                 None if self.cursor.last_tick >= self.until => return Ok(None),
                 None => {
                     let rows = sqlx::query_as::<_, Polled>(
-                        "SELECT prev, tick, read_later, seq, table_schema, table_name, kind, row_data, old_data
+                        "SELECT prev, tick, read_later, seq, table_schema, table_name, kind, row_data, old_data, written_us
                          FROM quill.read_ticks($1, $2, $3)",
                     )
                     .bind(self.cursor.last_tick)

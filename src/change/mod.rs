@@ -35,6 +35,8 @@ pub struct Change {
     /// For an update: the row as it was before (absent for changes logged before quill
     /// recorded old rows).
     pub old: Option<Value>,
+    /// When the change was written (the trigger's clock, microseconds since the epoch).
+    pub written_us: Option<i64>,
 }
 
 /// Why the change log could not be read. Always transient from the reader's point of view:

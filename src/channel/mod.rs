@@ -6,6 +6,7 @@
 //! The config rules are one `Publisher` among others: Rust code embedding quill can
 //! register its own (see `gateway::Extensions`).
 
+mod change_record;
 mod template;
 mod visibility;
 
@@ -18,9 +19,9 @@ pub use template::TemplatePublisher;
 pub use visibility::Visibility;
 
 use crate::auth::Principal;
-use crate::event::{EventKind, ServiceEvent};
-use crate::hub::RenderedEvent;
+use crate::event::{ChangeRecord, EventKind, RenderedEvent, ServiceEvent};
 use crate::service::query::Query;
+use crate::store::Table;
 
 /// Everyone connected.
 pub const ANONYMOUS: &str = "anonymous";
@@ -123,6 +124,7 @@ impl Policy {
             data: old.clone(),
             old: None,
             position: event.position,
+            written_us: event.written_us,
         });
         let old_channels = before
             .as_ref()
@@ -141,6 +143,8 @@ impl Policy {
             frames: Vec::new(),
             moved_in: Vec::new(),
             moved_out: None,
+            table: None,
+            records: Vec::new(),
         }
     }
 }
@@ -162,9 +166,41 @@ pub struct Prepared<'a> {
     moved_in: Vec<(u64, Arc<RenderedEvent>)>,
     /// The `removed` frame, id only, for subscribers whose scope the row left.
     moved_out: Option<Arc<RenderedEvent>>,
+    /// The service's table, for Supabase-style records (their schema, table and columns).
+    table: Option<Arc<Table>>,
+    /// One Supabase-style record per distinct view, built on first use.
+    records: Vec<(u64, Option<Arc<ChangeRecord>>)>,
 }
 
 impl Prepared<'_> {
+    /// Names the service's table, so that Supabase-style records can be rendered.
+    pub fn on_table(mut self, table: Arc<Table>) -> Self {
+        self.table = Some(table);
+        self
+    }
+
+    /// The event as a Supabase `postgres_changes` record for a view (row and old row in
+    /// that view), rendered once per view; `None` for a truncate or without a table.
+    pub fn record(&mut self, view: u64) -> Option<Arc<ChangeRecord>> {
+        if let Some((_, record)) = self.records.iter().find(|(v, _)| *v == view) {
+            return record.clone();
+        }
+        let table = self.table.clone()?;
+        let visibility = &self.policy.visibility;
+        let in_view = |row: &Value| {
+            let mut row = row.clone();
+            if !visibility.is_full(view) {
+                visibility.apply(&mut row, view);
+            }
+            row
+        };
+        let row = in_view(&self.event.data);
+        let old = self.event.old.as_ref().map(in_view);
+        let record = change_record::render(self.event, &table, &row, old.as_ref());
+        self.records.push((view, record.clone()));
+        record
+    }
+
     /// Whether `user` sees every column `query` filters or sorts on in every row.
     pub fn may_filter_on(&self, user: Option<&Principal>, query: &Query) -> bool {
         query
@@ -309,6 +345,7 @@ mod tests {
             data: json!({"id": 1}),
             old: None,
             position: Position { tick: 1, seq: 1 },
+            written_us: None,
         };
         let panicking_filter = |_: &ServiceEvent, _: Option<&Principal>| -> bool { panic!("bug in user code") };
         let policy = Policy {
@@ -330,6 +367,7 @@ mod tests {
             data: json!({"id": 1, "text": "a \"quote\""}),
             old: None,
             position: Position { tick: 3, seq: 42 },
+            written_us: None,
         };
         let frame = render(&event, &event.data, None);
         let parsed: Value = serde_json::from_slice(&frame.ws).expect("valid JSON");

@@ -114,6 +114,7 @@ mod tests {
             data: json!({"user_id": 7, "room": null}),
             old: None,
             position: Position { tick: 1, seq: 1 },
+            written_us: None,
         };
         assert_eq!(p.channels(&event), ["users/7", "roles/admin"]);
         assert!(TemplatePublisher::parse(&["users/{".into()]).is_err());

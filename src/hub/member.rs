@@ -1,7 +1,7 @@
 //! One connection as the hub sees it: its queue, its user, its channels, its subscriptions.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -9,23 +9,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Principal;
-use crate::event::EventKind;
+use crate::event::{ChangeRecord, EventKind, RenderedEvent};
 use crate::service::query::Query;
 
 /// Identifies one live connection.
 pub type ConnId = u64;
-
-/// An event rendered for one view, shared by every connection with that view.
-#[derive(Debug)]
-pub struct RenderedEvent {
-    pub service: Arc<str>,
-    pub kind: EventKind,
-    pub seq: i64,
-    /// The row as JSON.
-    pub data: Bytes,
-    /// The whole `/ws` frame.
-    pub ws: Bytes,
-}
 
 /// What a connection's queue carries; each transport encodes it its own way.
 #[derive(Debug, Clone)]
@@ -33,6 +21,15 @@ pub enum Frame {
     /// A finished `/ws` text frame (a reply).
     Text(Bytes),
     Event(Arc<RenderedEvent>),
+    /// A change for a Supabase-style channel: its record, the channel, and which of the
+    /// channel's bindings it matched (bit i: binding i).
+    Routed {
+        record: Arc<ChangeRecord>,
+        topic: Arc<Topic>,
+        matched: u64,
+    },
+    /// A client-to-client message on a topic.
+    Broadcast(Arc<Broadcast>),
     /// The connection's user was logged out by the server (removed, token expired).
     Logout {
         reason: &'static str,
@@ -65,11 +62,81 @@ impl KindSet {
     }
 }
 
+/// A Supabase-style channel a connection joined: each change for it names the channel and
+/// the bindings it matched.
+#[derive(Debug)]
+pub struct Topic {
+    pub name: Arc<str>,
+    /// The bindings' ids, in the order the client gave them.
+    pub ids: Vec<i64>,
+    /// Set when the client leaves: frames still queued for it are not written.
+    left: AtomicBool,
+}
+
+impl Topic {
+    /// The most bindings one topic may have (a frame's matches are a 64-bit set).
+    pub const MAX_BINDINGS: usize = 64;
+
+    pub fn new(name: Arc<str>, ids: Vec<i64>) -> Self {
+        Self {
+            name,
+            ids,
+            left: AtomicBool::new(false),
+        }
+    }
+
+    pub fn leave(&self) {
+        self.left.store(true, Ordering::SeqCst);
+    }
+
+    pub fn has_left(&self) -> bool {
+        self.left.load(Ordering::SeqCst)
+    }
+
+    /// The ids of the bindings in `matched`.
+    pub fn matched_ids(&self, matched: u64) -> impl Iterator<Item = i64> + '_ {
+        self.ids
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| *i < 64 && matched & (1 << i) != 0)
+            .map(|(_, id)| *id)
+    }
+}
+
+/// One topic's bindings on one service.
+pub struct Route {
+    pub topic: Arc<Topic>,
+    pub bindings: Vec<Binding>,
+}
+
+/// A binding: which kinds of change, and which rows (the same operators as `find`).
+#[derive(Clone)]
+pub struct Binding {
+    /// Its place in the topic's list (below [`Topic::MAX_BINDINGS`]).
+    pub index: usize,
+    pub kinds: KindSet,
+    pub query: Option<Arc<Query>>,
+}
+
+/// A message one client sends to the others on a topic, as it is written to them.
+#[derive(Debug)]
+pub struct Broadcast {
+    pub topic: Arc<str>,
+    /// The message (a JSON object), as the sender gave it.
+    pub payload: Bytes,
+}
+
 /// One connection's subscription to one service.
 pub struct Subscription {
     pub kinds: KindSet,
     /// Only rows matching this query (same operators as `find`).
     pub query: Option<Arc<Query>>,
+    /// Supabase-style channels on this service: set, each change goes to each channel whose
+    /// bindings it matches, and `kinds` and `query` are only the union.
+    pub(super) routes: Vec<Route>,
+    /// Whether an update that moves the row into or out of scope is announced as such
+    /// (`/ws`); without, the row is judged where it now is.
+    pub(super) moves: bool,
     /// Set while a replay sends what the connection missed.
     pub(super) resuming: Option<Resuming>,
     /// Who the query was checked for (id and role; `None`: anonymous). For anyone else the
@@ -82,9 +149,30 @@ impl Subscription {
         Self {
             kinds,
             query,
+            routes: Vec::new(),
+            moves: true,
             resuming: None,
             querier: None,
         }
+    }
+
+    /// The subscription of a connection's Supabase-style channels on one service.
+    pub fn routed(routes: Vec<Route>) -> Self {
+        let kinds = routes
+            .iter()
+            .flat_map(|r| r.bindings.iter())
+            .fold(0, |acc, b| acc | b.kinds.0);
+        Self {
+            routes,
+            moves: false,
+            ..Self::new(KindSet(kinds), None)
+        }
+    }
+
+    /// Judged where the row now is, never as a scope move (a Feathers socket's view).
+    pub(super) fn without_moves(mut self) -> Self {
+        self.moves = false;
+        self
     }
 
     /// Records who the query was checked for (see [`Subscription::checked_for`]).
@@ -212,6 +300,8 @@ pub(super) struct Member {
     pub(super) overflow: Mutex<VecDeque<Frame>>,
     pub(super) principal: Option<Arc<Principal>>,
     pub(super) channels: HashSet<Arc<str>>,
+    /// The broadcast topics it joined.
+    pub(super) topics: HashSet<Arc<str>>,
     pub(super) subscriptions: HashMap<Arc<str>, Subscription>,
     /// Subscribed to every service (socket.io connections, as in Feathers).
     pub(super) all_services: Option<Subscription>,
@@ -225,6 +315,7 @@ impl Member {
             overflow: Mutex::new(VecDeque::new()),
             principal: None,
             channels: HashSet::new(),
+            topics: HashSet::new(),
             subscriptions: HashMap::new(),
             all_services: None,
         }
@@ -232,6 +323,17 @@ impl Member {
 
     pub(super) fn subscription(&self, service: &str) -> Option<&Subscription> {
         self.subscriptions.get(service).or(self.all_services.as_ref())
+    }
+
+    /// Queues a frame only if it fits now, behind nothing parked; false otherwise.
+    pub(super) fn offer_if_room(&self, frame: Frame) -> bool {
+        if self.kick.token.is_cancelled() {
+            return false;
+        }
+        match self.overflow.lock() {
+            Ok(overflow) if overflow.is_empty() => self.tx.try_send(frame).is_ok(),
+            _ => false,
+        }
     }
 
     /// Queues a frame, or parks it in the overflow (behind any frame already parked, so the

@@ -18,7 +18,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use member::Member;
-pub use member::{ConnId, Cutoff, Frame, Kick, KindSet, RenderedEvent, ReplayId, Subscription};
+pub use crate::event::RenderedEvent;
+pub use member::{Binding, Broadcast, ConnId, Cutoff, Frame, Kick, KindSet, ReplayId, Route, Subscription, Topic};
 use member::{Held, Offered, Resuming};
 
 use crate::auth::Principal;
@@ -39,6 +40,8 @@ struct State {
     all_services: HashSet<ConnId>,
     /// user id → that user's connections
     by_user: HashMap<String, HashSet<ConnId>>,
+    /// broadcast topic → the connections that joined it
+    topics: HashMap<Arc<str>, HashSet<ConnId>>,
 }
 
 impl State {
@@ -135,13 +138,12 @@ enum Scope {
 
 /// In scope means: in one of the connection's channels and matching the subscription's
 /// kinds and query. For an update with its old row, a `/ws` subscription also learns when
-/// the row entered or left its scope; a socket.io one (every service, no query) gets the
-/// event where the row now is, as Feathers does.
+/// the row entered or left its scope; a socket.io one (every service, no query) and a
+/// Supabase-style one get the event where the row now is, as Feathers and Supabase do.
 fn scope(member: &Member, sub: &Subscription, prepared: &Prepared<'_>, visible_now: bool) -> Scope {
     let event = prepared.event;
     let now = visible_now && reached(member, prepared) && sub.matches(event.kind, &event.data);
-    let tracked = !member.all_services.as_ref().is_some_and(|all| std::ptr::eq(all, sub));
-    let before = match (&event.old, tracked) {
+    let before = match (&event.old, sub.moves) {
         (Some(old), true) => {
             was_reached(member, prepared)
                 && sub.matches(event.kind, old)
@@ -254,6 +256,9 @@ impl Hub {
         for service in member.subscriptions.keys() {
             unindex(&mut state.by_service, &**service, conn);
         }
+        for topic in &member.topics {
+            unindex(&mut state.topics, &**topic, conn);
+        }
         state.all_services.remove(&conn);
         self.metrics.connections.dec();
     }
@@ -320,7 +325,7 @@ impl Hub {
         let Some(member) = state.members.get_mut(&conn) else {
             return;
         };
-        member.all_services = Some(Subscription::new(KindSet::ALL, None));
+        member.all_services = Some(Subscription::new(KindSet::ALL, None).without_moves());
         state.all_services.insert(conn);
     }
 
@@ -662,7 +667,96 @@ impl Hub {
         }
     }
 
+    /// Joins a connection to a broadcast topic (apart from the channels events go to: a
+    /// client names its topics, never its channels).
+    pub fn join_topic(&self, conn: ConnId, topic: &str) {
+        let mut state = self.write();
+        let name: Arc<str> = Arc::from(topic);
+        let Some(member) = state.members.get_mut(&conn) else {
+            return;
+        };
+        member.topics.insert(name.clone());
+        state.topics.entry(name).or_default().insert(conn);
+    }
+
+    pub fn leave_topic(&self, conn: ConnId, topic: &str) {
+        let mut state = self.write();
+        if let Some(member) = state.members.get_mut(&conn) {
+            member.topics.remove(topic);
+        }
+        unindex(&mut state.topics, topic, conn);
+    }
+
+    /// Sends a message to every connection on the topic (the sender too, with `to_sender`).
+    /// Best effort, as on Supabase: a connection whose queue is full misses it (counted in
+    /// `quill_broadcasts_dropped_total`); it never waits.
+    pub fn broadcast(&self, from: ConnId, message: Broadcast, to_sender: bool) {
+        let state = self.read();
+        let Some(conns) = state.topics.get(&message.topic) else {
+            return;
+        };
+        let message = Arc::new(message);
+        for conn in conns {
+            if *conn == from && !to_sender {
+                continue;
+            }
+            if let Some(member) = state.members.get(conn) {
+                if member.offer_if_room(Frame::Broadcast(message.clone())) {
+                    self.metrics.broadcasts_delivered.inc();
+                } else {
+                    self.metrics.broadcasts_dropped.inc();
+                }
+            }
+        }
+    }
+
+    /// Offers an event to a connection's Supabase-style channels on the service: one frame
+    /// per channel whose bindings it matches, naming those bindings.
+    fn offer_routes(&self, conn: ConnId, member: &Member, sub: &Subscription, prepared: &mut Prepared<'_>) {
+        let user = member.principal.as_deref();
+        let event = prepared.event;
+        let Some(view) = prepared.view_for(user).filter(|_| reached(member, prepared)) else {
+            self.metrics.events_filtered.inc();
+            return;
+        };
+        // A filter on a column the user can no longer see (a new login) would reveal it.
+        let checked = sub.checked_for(user);
+        let mut delivered = false;
+        for route in &sub.routes {
+            let matched = route
+                .bindings
+                .iter()
+                .filter(|b| b.kinds.contains(event.kind))
+                .filter(|b| {
+                    b.query
+                        .as_ref()
+                        .is_none_or(|q| (checked || prepared.may_filter_on(user, q)) && q.matches(&event.data))
+                })
+                .fold(0u64, |acc, b| acc | (1 << b.index));
+            if matched == 0 {
+                continue;
+            }
+            let Some(record) = prepared.record(view) else {
+                break;
+            };
+            let frame = Frame::Routed {
+                record,
+                topic: route.topic.clone(),
+                matched,
+            };
+            delivered |= self.offer(conn, member, frame);
+        }
+        if delivered {
+            self.metrics.events_delivered.inc();
+        } else {
+            self.metrics.events_filtered.inc();
+        }
+    }
+
     fn offer_to(&self, conn: ConnId, member: &Member, sub: &Subscription, prepared: &mut Prepared<'_>) {
+        if !sub.routes.is_empty() {
+            return self.offer_routes(conn, member, sub, prepared);
+        }
         let event = prepared.event;
         let view = prepared.view_for(member.principal.as_deref());
         let scope = match may_filter(member, sub, prepared) {

@@ -15,6 +15,7 @@ fn event(seq: i64) -> ServiceEvent {
         data: json!({"id": seq, "user_id": 1, "secret": "s"}),
         old: None,
         position: Position { tick: seq, seq },
+        written_us: None,
     }
 }
 
@@ -110,6 +111,7 @@ async fn a_connection_that_parks_again_after_a_flush_is_drained_by_the_next_one(
 fn at(tick: i64, seq: i64) -> ServiceEvent {
     ServiceEvent {
         position: Position { tick, seq },
+        written_us: None,
         ..event(seq)
     }
 }

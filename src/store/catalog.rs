@@ -83,6 +83,9 @@ pub struct Column {
     pub name: String,
     /// The type as Postgres prints it (`format_type`), used in `CAST($n AS <type>)`.
     pub sql_type: String,
+    /// The type's name in `pg_type` (`int8`, `text`, `_text` for `text[]`), as Supabase
+    /// clients expect it in a change's column list.
+    pub type_name: String,
     /// Values of this column cannot be written (GENERATED ALWAYS).
     pub read_only: bool,
     /// The database fills it in: an identity, a serial (a `nextval` default) or a
@@ -194,6 +197,7 @@ impl Table {
                         "uuid" => KeyKind::Uuid,
                         _ => KeyKind::Other,
                     },
+                    type_name: typname,
                 },
             )
             .collect();
@@ -240,6 +244,7 @@ impl Table {
             .map(|(n, t)| Column {
                 name: (*n).into(),
                 sql_type: (*t).into(),
+                type_name: type_name_of(t),
                 read_only: false,
                 server_generated: false,
                 has_default: false,
@@ -261,4 +266,23 @@ impl Table {
             oid: 0,
         })
     }
+}
+
+/// The `pg_type` name of a type as `format_type` prints it, for tables described in code.
+fn type_name_of(sql_type: &str) -> String {
+    if let Some(element) = sql_type.strip_suffix("[]") {
+        return format!("_{}", type_name_of(element));
+    }
+    match sql_type {
+        "smallint" => "int2",
+        "integer" => "int4",
+        "bigint" => "int8",
+        "real" => "float4",
+        "double precision" => "float8",
+        "boolean" => "bool",
+        "timestamp with time zone" => "timestamptz",
+        "timestamp without time zone" => "timestamp",
+        other => other,
+    }
+    .to_owned()
 }

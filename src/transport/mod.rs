@@ -6,6 +6,7 @@ mod http;
 pub mod limits;
 pub mod openapi;
 mod pages;
+mod phoenix;
 pub mod qs;
 mod rest;
 mod session;
@@ -57,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::document))
         .route("/ws", get(ws::upgrade))
         .merge(pages::routes())
+        .merge(phoenix::routes())
         .merge(rest::routes())
         .fallback(rest::not_found)
         // After every route and the fallback, so that /socket.io/ requests reach it.

@@ -112,7 +112,7 @@ pub(super) async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// A Unix time as an `Instant`.
-fn instant_at(unix_seconds: u64) -> Instant {
+pub(super) fn instant_at(unix_seconds: u64) -> Instant {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     Instant::now() + Duration::from_secs(unix_seconds.saturating_sub(now))
 }

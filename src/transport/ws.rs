@@ -55,7 +55,7 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 #[derive(Debug)]
 pub enum Inbound {
     Text(String),
-    Binary,
+    Binary(Bytes),
     /// A ping or pong: the peer is there.
     Heartbeat,
     Close,
@@ -94,27 +94,35 @@ pub(super) async fn upgrade(
 
 async fn serve_socket(state: AppState, socket: WebSocket, peer: IpAddr) {
     let (sink, stream) = socket.split();
-    let sink = sink.with(|out: Outbound| async move {
-        Ok::<_, axum::Error>(match out {
-            // Frames are built from serde_json output, so they are UTF-8.
-            Outbound::Text(bytes) => match Utf8Bytes::try_from(bytes) {
-                Ok(text) => Message::Text(text),
-                Err(_) => Message::Text(Utf8Bytes::from_static("{}")),
-            },
-            Outbound::Ping => Message::Ping(Bytes::new()),
-            Outbound::Close { code, reason } => Message::Close(Some(CloseFrame {
-                code,
-                reason: Utf8Bytes::from_static(reason),
-            })),
-        })
-    });
-    let stream = stream.map(|m| match m {
+    let sink = sink.with(|out: Outbound| async move { Ok::<_, axum::Error>(to_message(out)) });
+    let stream = stream.map(inbound);
+    run_session(state, Some(peer), Box::pin(sink), Box::pin(stream)).await;
+}
+
+/// A frame to write as a WebSocket message.
+pub(super) fn to_message(out: Outbound) -> Message {
+    match out {
+        // Frames are built from serde_json output, so they are UTF-8.
+        Outbound::Text(bytes) => match Utf8Bytes::try_from(bytes) {
+            Ok(text) => Message::Text(text),
+            Err(_) => Message::Text(Utf8Bytes::from_static("{}")),
+        },
+        Outbound::Ping => Message::Ping(Bytes::new()),
+        Outbound::Close { code, reason } => Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        })),
+    }
+}
+
+/// A WebSocket message (or read error) as the session sees it.
+pub(super) fn inbound(message: Result<Message, axum::Error>) -> Inbound {
+    match message {
         Ok(Message::Text(t)) => Inbound::Text(t.to_string()),
-        Ok(Message::Binary(_)) => Inbound::Binary,
+        Ok(Message::Binary(b)) => Inbound::Binary(b),
         Ok(Message::Ping(_) | Message::Pong(_)) => Inbound::Heartbeat,
         Ok(Message::Close(_)) | Err(_) => Inbound::Close,
-    });
-    run_session(state, Some(peer), Box::pin(sink), Box::pin(stream)).await;
+    }
 }
 
 /// Serves one connection until the client leaves, the hub cuts it off or quill shuts down.
@@ -135,7 +143,7 @@ where
         replies: member.replies.clone(),
         auth: SessionAuth::new(member.id, peer, login_tx),
     };
-    let writer = write_frames(&state, member.id, &mut member.frames, &member.kick, &mut tx);
+    let writer = write_frames(&state, member.id, &mut member.frames, &member.kick, &mut tx, &encode);
     let reader = session.read_calls(&mut rx, logins);
     tokio::select! {
         () = writer => {}
@@ -143,9 +151,17 @@ where
     }
 }
 
-/// Writes queued frames (and pings) until the connection is cut off or quill shuts down.
-async fn write_frames<Tx>(state: &AppState, conn: ConnId, frames: &mut mpsc::Receiver<Frame>, kick: &Kick, tx: &mut Tx)
-where
+/// Writes queued frames (and pings) until the connection is cut off or quill shuts down;
+/// `encode` makes a frame's text in the connection's protocol (`None`: nothing to write).
+/// Every WebSocket protocol quill speaks writes through here.
+pub(super) async fn write_frames<Tx>(
+    state: &AppState,
+    conn: ConnId,
+    frames: &mut mpsc::Receiver<Frame>,
+    kick: &Kick,
+    tx: &mut Tx,
+    encode: &(dyn Fn(Frame) -> Option<Bytes> + Sync),
+) where
     Tx: Sink<Outbound> + Unpin,
 {
     let limits = state.limits;
@@ -157,7 +173,8 @@ where
                 // Deliver what is already queued, within a bound, then say goodbye.
                 let flush = async {
                     while let Ok(frame) = frames.try_recv() {
-                        if tx.send(Outbound::Text(encode(frame))).await.is_err() {
+                        let Some(text) = encode(frame) else { continue };
+                        if tx.send(Outbound::Text(text)).await.is_err() {
                             return;
                         }
                     }
@@ -166,7 +183,10 @@ where
                 let _ = tokio::time::timeout(SHUTDOWN_FLUSH, flush).await;
                 return;
             }
-            Some(frame) = frames.recv() => Outbound::Text(encode(frame)),
+            Some(frame) = frames.recv() => match encode(frame) {
+                Some(text) => Outbound::Text(text),
+                None => continue,
+            },
             _ = ping.tick() => Outbound::Ping,
         };
         // Write what is already queued in one go: one flush (one syscall) for a burst,
@@ -175,7 +195,8 @@ where
             tx.feed(first).await.ok()?;
             for _ in 0..BATCH {
                 let Ok(frame) = frames.try_recv() else { break };
-                tx.feed(Outbound::Text(encode(frame))).await.ok()?;
+                let Some(text) = encode(frame) else { continue };
+                tx.feed(Outbound::Text(text)).await.ok()?;
             }
             tx.flush().await.ok()
         };
@@ -212,11 +233,13 @@ where
 }
 
 /// The `/ws` text of a queued frame.
-fn encode(frame: Frame) -> Bytes {
+fn encode(frame: Frame) -> Option<Bytes> {
     match frame {
-        Frame::Text(bytes) => bytes,
-        Frame::Event(event) => event.ws.clone(),
-        Frame::Logout { reason } => to_bytes(&json!({ "event": "logout", "reason": reason })),
+        Frame::Text(bytes) => Some(bytes),
+        Frame::Event(event) => Some(event.ws.clone()),
+        Frame::Logout { reason } => Some(to_bytes(&json!({ "event": "logout", "reason": reason }))),
+        // Supabase-style frames: a `/ws` connection joins no topics.
+        Frame::Routed { .. } | Frame::Broadcast(_) => None,
     }
 }
 
@@ -318,7 +341,7 @@ impl Session<'_> {
                     match inbound {
                         None | Some(Inbound::Close) => return,
                         Some(Inbound::Heartbeat) => {}
-                        Some(Inbound::Binary) => {
+                        Some(Inbound::Binary(_)) => {
                             let e = Error::bad_request("binary frames are not supported; send JSON text");
                             self.reply_later(&mut calls, error_frame(&Value::Null, &e));
                         }
