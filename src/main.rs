@@ -21,6 +21,9 @@ enum Command {
     Serve(Options),
     /// Apply quill's migrations and exit.
     Migrate(Options),
+    /// Print an API key for Supabase clients (`createClient(quillUrl, key)`), signed with
+    /// the configured JWT secret.
+    Token(TokenArgs),
     /// Measure latency, fan-out, the write path, connections and capture overhead against
     /// a quill this command starts on a throwaway database.
     Bench(BenchArgs),
@@ -58,6 +61,18 @@ struct BenchArgs {
 }
 
 #[derive(clap::Args)]
+struct TokenArgs {
+    /// The key's role: `anon` is an anonymous client (the only role quill gives keys for).
+    #[arg(long, default_value = "anon")]
+    role: String,
+    /// How long the key is valid, in days.
+    #[arg(long, default_value_t = 3650)]
+    days: u64,
+    #[command(flatten)]
+    options: Options,
+}
+
+#[derive(clap::Args)]
 struct Options {
     /// TOML configuration file; without one quill serves the demo (users, messages).
     #[arg(long, env = "QUILL_CONFIG")]
@@ -86,6 +101,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(opts) => runtime.block_on(serve(opts)),
         Command::Migrate(opts) => runtime.block_on(migrate(opts)),
+        Command::Token(args) => token(args),
         Command::Bench(args) => runtime.block_on(async {
             let options = quill::bench::BenchOptions {
                 admin_url: args.database_url,
@@ -157,6 +173,14 @@ async fn database(config: &Config, opts: &Options) -> anyhow::Result<(String, Op
 
 async fn serve(opts: Options) -> anyhow::Result<()> {
     let config = load_config(&opts)?;
+    if opts.config.is_none()
+        && let Some(auth) = &config.authentication
+        && let Some(secret) = &auth.jwt_secret
+    {
+        // The demo's secret is new at every start: so is the key Supabase clients need.
+        let key = quill::auth::issue_api_key(auth, secret, "anon", 30 * 86_400).context("cannot sign the demo key")?;
+        tracing::info!(anon_key = %key, "demo mode: Supabase clients connect with createClient(\"http://localhost:{}\", anon_key)", config.port);
+    }
     let (url, cluster) = database(&config, &opts).await?;
     let addr = std::net::SocketAddr::new(config.host, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -165,6 +189,28 @@ async fn serve(opts: Options) -> anyhow::Result<()> {
     let result = quill::run(config, url, listener, shutdown_signal()).await;
     drop(cluster);
     result.context("quill stopped with an error")
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    if args.role != "anon" {
+        anyhow::bail!("quill gives keys for role 'anon' only; a user's own login token is their access token");
+    }
+    let config = load_config(&args.options)?;
+    let auth = config
+        .authentication
+        .as_ref()
+        .context("the configuration has no [authentication] section")?;
+    let secret = match (&args.options.config, &auth.jwt_secret) {
+        (None, _) if std::env::var("QUILL_JWT_SECRET").is_err() => anyhow::bail!(
+            "the demo makes a new JWT secret at every start: set QUILL_JWT_SECRET for both `quill serve` and `quill token`"
+        ),
+        (_, Some(secret)) => secret,
+        (_, None) => anyhow::bail!("no JWT secret: set authentication.jwt_secret or QUILL_JWT_SECRET"),
+    };
+    let key = quill::auth::issue_api_key(auth, secret, &args.role, args.days.saturating_mul(86_400))
+        .context("cannot sign the key")?;
+    println!("{key}");
+    Ok(())
 }
 
 async fn migrate(opts: Options) -> anyhow::Result<()> {

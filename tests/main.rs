@@ -26,5 +26,6 @@ mod scope;
 mod security;
 mod slow_consumers;
 mod startup;
+mod supabase;
 mod truncate;
 mod ws_protocol;

@@ -11,7 +11,9 @@ use super::{Authenticator, Principal};
 #[derive(Debug, Clone)]
 pub enum KeyHolder {
     /// `role: "anon"`: an anonymous connection, until the key expires.
-    Anonymous { expires_at: Option<u64> },
+    Anonymous {
+        expires_at: Option<u64>,
+    },
     User(Principal),
 }
 
@@ -101,11 +103,17 @@ impl Authenticator {
         }
         anonymous(&claims, role_claim)
     }
+}
 
-    /// Mints an API key for `role` (only `anon` means anything to quill).
-    pub fn issue_api_key(&self, role: &str, valid_for_seconds: u64) -> Result<String, super::JwtError> {
-        self.tokens.issue_key(role, valid_for_seconds)
-    }
+/// Mints an API key for `role` with quill's secret (only `anon` means anything to quill):
+/// what `quill token` prints, for `createClient(url, key)`.
+pub fn issue_api_key(
+    config: &crate::config::AuthConfig,
+    secret: &str,
+    role: &str,
+    valid_for_seconds: u64,
+) -> Result<String, super::JwtError> {
+    super::jwt::Tokens::new(secret.as_bytes(), config).issue_key(role, valid_for_seconds)
 }
 
 fn anonymous(claims: &Map<String, Value>, role_claim: &str) -> Result<KeyHolder, KeyRefused> {

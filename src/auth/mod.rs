@@ -20,7 +20,7 @@ use jsonwebtoken::get_current_timestamp;
 
 use serde_json::{Value, json};
 
-pub use api_key::{KeyHolder, KeyRefused};
+pub use api_key::{KeyHolder, KeyRefused, issue_api_key};
 pub use jwt::{Claims, JwtError, generate_secret};
 pub use limit::network_of;
 pub use principal::Principal;

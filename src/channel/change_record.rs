@@ -11,7 +11,12 @@ use crate::store::Table;
 
 /// The record of an event whose row (and old row) are already in the reader's view; `None`
 /// for a truncate, which Supabase does not send.
-pub(super) fn render(event: &ServiceEvent, table: &Table, row: &Value, old: Option<&Value>) -> Option<Arc<ChangeRecord>> {
+pub(super) fn render(
+    event: &ServiceEvent,
+    table: &Table,
+    row: &Value,
+    old: Option<&Value>,
+) -> Option<Arc<ChangeRecord>> {
     let (kind, record, old_record) = match event.kind {
         EventKind::Created => ("INSERT", Some(row), None),
         // The old row as with `REPLICA IDENTITY FULL`; null when the log has none.
@@ -79,7 +84,12 @@ mod tests {
             "public",
             "messages",
             "id",
-            &[("id", "bigint"), ("room", "text"), ("tags", "text[]"), ("secret", "text")],
+            &[
+                ("id", "bigint"),
+                ("room", "text"),
+                ("tags", "text[]"),
+                ("secret", "text"),
+            ],
         )
         .expect("id is a column")
     }
@@ -122,7 +132,15 @@ mod tests {
         let keys: Vec<&String> = data.as_object().expect("object").keys().collect();
         assert_eq!(
             keys,
-            ["schema", "table", "commit_timestamp", "type", "columns", "errors", "record"]
+            [
+                "schema",
+                "table",
+                "commit_timestamp",
+                "type",
+                "columns",
+                "errors",
+                "record"
+            ]
         );
     }
 

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use member::Member;
 pub use crate::event::RenderedEvent;
+use member::Member;
 pub use member::{Binding, Broadcast, ConnId, Cutoff, Frame, Kick, KindSet, ReplayId, Route, Subscription, Topic};
 use member::{Held, Offered, Resuming};
 

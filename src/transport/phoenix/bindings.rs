@@ -84,7 +84,12 @@ impl Binding {
             "INSERT" => KindSet::of(&[EventKind::Created]),
             "UPDATE" => KindSet::of(&[EventKind::Updated, EventKind::Patched]),
             "DELETE" => KindSet::of(&[EventKind::Removed]),
-            _ => KindSet::of(&[EventKind::Created, EventKind::Updated, EventKind::Patched, EventKind::Removed]),
+            _ => KindSet::of(&[
+                EventKind::Created,
+                EventKind::Updated,
+                EventKind::Patched,
+                EventKind::Removed,
+            ]),
         }
     }
 
@@ -244,7 +249,9 @@ fn parse_filter(filter: &str) -> Result<Vec<Condition>, String> {
                 return Err(format!("[{rest:?}]"));
             };
             if UNSUPPORTED.contains(&op) {
-                return Err(format!("the `{op}` operator is not supported by quill (use eq, neq, lt, lte, gt, gte, in or is)"));
+                return Err(format!(
+                    "the `{op}` operator is not supported by quill (use eq, neq, lt, lte, gt, gte, in or is)"
+                ));
             }
             if !OPERATORS.contains(&op) {
                 return Err(format!("[{op:?}, {value:?}]"));
@@ -276,7 +283,10 @@ fn feathers_query(conditions: &[Condition]) -> Result<Option<Value>, String> {
         if c.op == "is" && c.value == "null" && !c.negated {
             // `column IS NULL`: a plain null in Feathers, alone on its column.
             if entry.as_object().is_some_and(|ops| !ops.is_empty()) {
-                return Err(format!("`is.null` on `{}` cannot be combined with other conditions on it", c.column));
+                return Err(format!(
+                    "`is.null` on `{}` cannot be combined with other conditions on it",
+                    c.column
+                ));
             }
             *entry = Value::Null;
             continue;
@@ -300,7 +310,10 @@ fn feathers_query(conditions: &[Condition]) -> Result<Option<Value>, String> {
             (other, _) => return Err(format!("[{other:?}, {:?}]", c.value)),
         };
         let Value::Object(ops) = entry else {
-            return Err(format!("`is.null` on `{}` cannot be combined with other conditions on it", c.column));
+            return Err(format!(
+                "`is.null` on `{}` cannot be combined with other conditions on it",
+                c.column
+            ));
         };
         if ops.insert(op.to_owned(), operand).is_some() {
             return Err(format!("two `{}` conditions on `{}`", c.op, c.column));
@@ -335,7 +348,10 @@ mod tests {
         assert_eq!(query_of("id=gt.0,id=lt.100"), json!({"id": {"$gt": "0", "$lt": "100"}}));
         assert_eq!(query_of(r#"room=eq."a,b""#), json!({"room": {"$in": ["a,b"]}}));
         assert_eq!(query_of(r#"room=in.("a,b",c)"#), json!({"room": {"$in": ["a,b", "c"]}}));
-        assert_eq!(query_of(r#"room=eq."say \"hi\"""#), json!({"room": {"$in": ["say \"hi\""]}}));
+        assert_eq!(
+            query_of(r#"room=eq."say \"hi\"""#),
+            json!({"room": {"$in": ["say \"hi\""]}})
+        );
     }
 
     #[test]
@@ -347,8 +363,16 @@ mod tests {
             parse_filter("id=in.1"),
             Err("`in` filter value must be wrapped by parentheses".to_owned())
         );
-        assert!(parse_filter("id=eq.1,,n=eq.2").expect_err("empty").contains("empty segments"));
-        assert!(parse_filter("body=like.%a%").expect_err("like").contains("not supported"));
+        assert!(
+            parse_filter("id=eq.1,,n=eq.2")
+                .expect_err("empty")
+                .contains("empty segments")
+        );
+        assert!(
+            parse_filter("body=like.%a%")
+                .expect_err("like")
+                .contains("not supported")
+        );
     }
 
     #[test]

@@ -65,7 +65,9 @@ pub(super) fn decode_text(vsn: Vsn, text: &str) -> Result<Message, DecodeError> 
         }
     };
     let text_of = |v: Option<&Value>, what: &'static str| -> Result<String, DecodeError> {
-        v.and_then(Value::as_str).map(str::to_owned).ok_or(DecodeError::Shape(what))
+        v.and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or(DecodeError::Shape(what))
     };
     match (vsn, value) {
         (Vsn::V2, Value::Array(mut items)) if items.len() == 5 => {
@@ -139,7 +141,14 @@ pub(super) fn decode_binary(frame: &[u8]) -> Result<Message, DecodeError> {
 
 /// Encodes a message from the server. V1 frames carry no `join_ref` (Phoenix's V1
 /// serializer drops it).
-pub(super) fn encode(vsn: Vsn, join_ref: Option<&str>, reference: Option<&str>, topic: &str, event: &str, payload: &Value) -> Bytes {
+pub(super) fn encode(
+    vsn: Vsn,
+    join_ref: Option<&str>,
+    reference: Option<&str>,
+    topic: &str,
+    event: &str,
+    payload: &Value,
+) -> Bytes {
     let frame = match vsn {
         Vsn::V2 => json!([join_ref, reference, topic, event, payload]),
         Vsn::V1 => json!({ "topic": topic, "event": event, "payload": payload, "ref": reference }),
@@ -196,7 +205,9 @@ pub(super) fn broadcast(vsn: Vsn, topic: &str, message: &[u8]) -> Option<Bytes> 
     let message = serde_json::from_slice::<&RawValue>(message).ok()?;
     let frame = match vsn {
         Vsn::V2 => serde_json::to_vec(&(None::<()>, None::<()>, topic, "broadcast", message)),
-        Vsn::V1 => serde_json::to_vec(&json!({ "topic": topic, "event": "broadcast", "payload": message, "ref": null })),
+        Vsn::V1 => {
+            serde_json::to_vec(&json!({ "topic": topic, "event": "broadcast", "payload": message, "ref": null }))
+        }
     };
     frame.ok().map(Bytes::from)
 }
@@ -240,7 +251,10 @@ mod tests {
         assert_eq!(message.reference.as_deref(), Some("2"));
         assert_eq!(message.topic, "realtime:room");
         assert_eq!(message.event, "broadcast");
-        assert_eq!(message.payload, json!({"type": "broadcast", "event": "ev", "payload": {"a": 1}}));
+        assert_eq!(
+            message.payload,
+            json!({"type": "broadcast", "event": "ev", "payload": {"a": 1}})
+        );
         let mut raw = frame.clone();
         raw[6] = 0;
         assert_eq!(decode_binary(&raw), Err(DecodeError::BinaryPayload));
@@ -268,7 +282,15 @@ mod tests {
         let v1: Value = serde_json::from_slice(&postgres_changes(Vsn::V1, &topic, 0b10, &record)).expect("json");
         assert_eq!(v1["payload"]["ids"], json!([22]));
         assert_eq!(v1["ref"], Value::Null);
-        let b = broadcast(Vsn::V2, "realtime:r", br#"{"type":"broadcast","event":"e","payload":{}}"#).expect("json");
-        assert_eq!(&b[..], br#"[null,null,"realtime:r","broadcast",{"type":"broadcast","event":"e","payload":{}}]"#);
+        let b = broadcast(
+            Vsn::V2,
+            "realtime:r",
+            br#"{"type":"broadcast","event":"e","payload":{}}"#,
+        )
+        .expect("json");
+        assert_eq!(
+            &b[..],
+            br#"[null,null,"realtime:r","broadcast",{"type":"broadcast","event":"e","payload":{}}]"#
+        );
     }
 }

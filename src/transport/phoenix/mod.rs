@@ -61,7 +61,10 @@ async fn upgrade(
         return refuse(StatusCode::BAD_REQUEST, "unsupported vsn: use 1.0.0 or 2.0.0");
     };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let Some(key) = header("x-api-key").or_else(|| header("apikey")).or_else(|| params.get("apikey").cloned()) else {
+    let Some(key) = header("x-api-key")
+        .or_else(|| header("apikey"))
+        .or_else(|| params.get("apikey").cloned())
+    else {
         return refuse(StatusCode::UNAUTHORIZED, "API key is missing");
     };
     let Some(auth) = state.services.auth() else {
@@ -90,7 +93,15 @@ async fn upgrade(
         .on_upgrade(move |socket| async move {
             let (sink, stream) = socket.split();
             let sink = sink.with(|out: Outbound| async move { Ok::<_, axum::Error>(to_message(out)) });
-            serve(state, Some(peer), vsn, holder, Box::pin(sink), Box::pin(stream.map(inbound))).await;
+            serve(
+                state,
+                Some(peer),
+                vsn,
+                holder,
+                Box::pin(sink),
+                Box::pin(stream.map(inbound)),
+            )
+            .await;
             drop(permit);
         })
 }
@@ -223,8 +234,12 @@ impl Session<'_> {
             return match message.event.as_str() {
                 "phx_leave" => self.reply(&message, "ok", json!({})).await,
                 _ => {
-                    let unmatched = Message { join_ref: None, ..message };
-                    self.reply(&unmatched, "error", json!({ "reason": "unmatched topic" })).await
+                    let unmatched = Message {
+                        join_ref: None,
+                        ..message
+                    };
+                    self.reply(&unmatched, "error", json!({ "reason": "unmatched topic" }))
+                        .await
                 }
             };
         };
@@ -252,8 +267,13 @@ impl Session<'_> {
         let topic = message.topic.clone();
         let join_error = |reason: String| json!({ "reason": reason });
         if !topic.starts_with(TOPIC_PREFIX) {
-            let unmatched = Message { join_ref: None, ..message };
-            return self.reply(&unmatched, "error", json!({ "reason": "unmatched topic" })).await;
+            let unmatched = Message {
+                join_ref: None,
+                ..message
+            };
+            return self
+                .reply(&unmatched, "error", json!({ "reason": "unmatched topic" }))
+                .await;
         }
         if topic == TOPIC_PREFIX {
             let reason = "TopicNameRequired: You must provide a topic name".to_owned();
@@ -270,7 +290,11 @@ impl Session<'_> {
             return self.reply(&message, "error", join_error(reason)).await;
         }
         let empty = Map::new();
-        let config = message.payload.get("config").and_then(Value::as_object).unwrap_or(&empty);
+        let config = message
+            .payload
+            .get("config")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
         if config.get("private").and_then(Value::as_bool) == Some(true) {
             let reason = "Unauthorized: quill has no private channels; join without `private: true` (quill's channel rules decide who gets which row)";
             return self.reply(&message, "error", join_error(reason.to_owned())).await;
@@ -296,11 +320,18 @@ impl Session<'_> {
         }
         let bindings = match bindings::parse(config.get("postgres_changes")) {
             Ok(b) if b.len() > Topic::MAX_BINDINGS => {
-                let reason = format!("InvalidJoinPayload: at most {} postgres_changes bindings per channel", Topic::MAX_BINDINGS);
+                let reason = format!(
+                    "InvalidJoinPayload: at most {} postgres_changes bindings per channel",
+                    Topic::MAX_BINDINGS
+                );
                 return self.reply(&message, "error", join_error(reason)).await;
             }
             Ok(b) => b,
-            Err(e) => return self.reply(&message, "error", join_error(format!("InvalidJoinPayload: {e}"))).await,
+            Err(e) => {
+                return self
+                    .reply(&message, "error", join_error(format!("InvalidJoinPayload: {e}")))
+                    .await;
+            }
         };
         // Every binding must hold, or none is registered (as on Supabase).
         let caller = self.holder.principal().cloned();
@@ -339,7 +370,10 @@ impl Session<'_> {
         let flag = |name: &str| broadcast.and_then(|b| b.get(name)).and_then(Value::as_bool) == Some(true);
         let channel = Channel {
             join_ref: message.join_ref.clone(),
-            topic: Arc::new(Topic::new(Arc::from(topic.as_str()), bindings.iter().map(|b| b.id).collect())),
+            topic: Arc::new(Topic::new(
+                Arc::from(topic.as_str()),
+                bindings.iter().map(|b| b.id).collect(),
+            )),
             broadcast_self: flag("self"),
             broadcast_ack: flag("ack"),
             routes,
@@ -353,7 +387,10 @@ impl Session<'_> {
             return;
         }
         match problem {
-            None => self.system(&topic, "postgres_changes", "ok", "Subscribed to PostgreSQL").await,
+            None => {
+                self.system(&topic, "postgres_changes", "ok", "Subscribed to PostgreSQL")
+                    .await
+            }
             Some(e) => self.system(&topic, "postgres_changes", "error", &e).await,
         }
     }
@@ -383,12 +420,27 @@ impl Session<'_> {
                 // Who may filter on what follows the user.
                 let services: Vec<Arc<str>> = self.channels.values().flat_map(|c| c.routes.keys().cloned()).collect();
                 self.resubscribe(services);
+                // As Supabase does after re-creating the subscription: live for the new user.
+                if self
+                    .channels
+                    .get(&message.topic)
+                    .is_some_and(|c| !c.topic.ids.is_empty())
+                {
+                    self.system(&message.topic, "postgres_changes", "ok", "Subscribed to PostgreSQL")
+                        .await;
+                }
             }
             Err(refused) => {
                 let join_ref = self.channels.get(&message.topic).and_then(|c| c.join_ref.clone());
                 self.leave(&message.topic);
-                self.system_with(&message.topic, join_ref.as_deref(), "system", "error", &refused.to_string())
-                    .await;
+                self.system_with(
+                    &message.topic,
+                    join_ref.as_deref(),
+                    "system",
+                    "error",
+                    &refused.to_string(),
+                )
+                .await;
                 self.push_close(&message.topic, join_ref.as_deref()).await;
                 // Back to what the API key allows.
                 let key = self.key.clone();
@@ -414,7 +466,9 @@ impl Session<'_> {
         }
         let payload = Bytes::from(serde_json::to_vec(&message.payload).unwrap_or_default());
         let topic = Arc::clone(&channel.topic.name);
-        self.state.hub.broadcast(self.conn, Broadcast { topic, payload }, to_sender);
+        self.state
+            .hub
+            .broadcast(self.conn, Broadcast { topic, payload }, to_sender);
         if ack {
             self.reply(&message, "ok", json!({})).await;
         }
@@ -466,11 +520,15 @@ impl Session<'_> {
 
     /// Closes every channel, saying why (the token expired, the user was removed).
     async fn close_all(&mut self, reason: &str) {
-        let topics: Vec<(String, Option<String>)> =
-            self.channels.iter().map(|(t, c)| (t.clone(), c.join_ref.clone())).collect();
+        let topics: Vec<(String, Option<String>)> = self
+            .channels
+            .iter()
+            .map(|(t, c)| (t.clone(), c.join_ref.clone()))
+            .collect();
         for (topic, join_ref) in topics {
             self.leave(&topic);
-            self.system_with(&topic, join_ref.as_deref(), "system", "error", reason).await;
+            self.system_with(&topic, join_ref.as_deref(), "system", "error", reason)
+                .await;
             self.push_close(&topic, join_ref.as_deref()).await;
         }
     }
@@ -481,19 +539,28 @@ impl Session<'_> {
 
     async fn system(&self, topic: &str, extension: &str, status: &str, message: &str) {
         let join_ref = self.channels.get(topic).and_then(|c| c.join_ref.clone());
-        self.system_with(topic, join_ref.as_deref(), extension, status, message).await;
+        self.system_with(topic, join_ref.as_deref(), extension, status, message)
+            .await;
     }
 
     async fn system_with(&self, topic: &str, join_ref: Option<&str>, extension: &str, status: &str, message: &str) {
         let name = topic.strip_prefix(TOPIC_PREFIX).unwrap_or(topic);
         let payload = json!({ "extension": extension, "status": status, "message": message, "channel": name });
-        self.send(codec::encode(self.vsn, join_ref, None, topic, "system", &payload)).await;
+        self.send(codec::encode(self.vsn, join_ref, None, topic, "system", &payload))
+            .await;
     }
 
     /// `phx_close` for a join: the client reports the channel `CLOSED`.
     async fn push_close(&self, topic: &str, join_ref: Option<&str>) {
-        self.send(codec::encode(self.vsn, join_ref, join_ref, topic, "phx_close", &json!({})))
-            .await;
+        self.send(codec::encode(
+            self.vsn,
+            join_ref,
+            join_ref,
+            topic,
+            "phx_close",
+            &json!({}),
+        ))
+        .await;
     }
 
     /// Queues a frame behind the events already queued (one writer per socket).
