@@ -38,9 +38,8 @@ struct BenchArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    /// Scenarios to run (latency, fanout, targeted, write, connections, isolation, capture,
-    /// replica);
-    /// all by default.
+    /// Scenarios to run (latency, fanout, supabase, targeted, write, connections, isolation,
+    /// capture, replica); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Seconds per measured phase.

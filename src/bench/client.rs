@@ -103,9 +103,50 @@ pub(super) async fn request(ws: &mut Socket, requests: &[String]) -> Result<(), 
     Ok(())
 }
 
-/// Logs in with a token and subscribes to messages.
+/// The protocol a subscriber speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Protocol {
+    /// quill's `/ws`.
+    Ws,
+    /// Supabase Realtime (Phoenix channels, `vsn=2.0.0`, as realtime-js speaks it).
+    Phoenix,
+}
+
+/// Logs in with a token and subscribes to messages' `created` events.
 pub(super) async fn subscriber(url: &str, i: usize, token: &str) -> Result<Socket, BenchError> {
     subscribe(connect(url, i).await?, token).await
+}
+
+/// A subscriber in `protocol`; `url` is the server's `/ws` URL.
+pub(super) async fn subscriber_in(protocol: Protocol, url: &str, i: usize, token: &str) -> Result<Socket, BenchError> {
+    match protocol {
+        Protocol::Ws => subscriber(url, i, token).await,
+        Protocol::Phoenix => phoenix_subscriber(url, i, token).await,
+    }
+}
+
+/// Joins a Supabase channel with one INSERT binding on messages (the user's token as the
+/// API key) and waits until it is live.
+async fn phoenix_subscriber(ws_url: &str, i: usize, token: &str) -> Result<Socket, BenchError> {
+    let root = ws_url.trim_end_matches("/ws");
+    let mut ws = connect(&format!("{root}/realtime/v1/websocket?apikey={token}&vsn=2.0.0"), i).await?;
+    let join = r#"["1","1","realtime:bench","phx_join",{"config":{"broadcast":{"ack":false,"self":false},"presence":{"key":"","enabled":false},"postgres_changes":[{"event":"INSERT","schema":"public","table":"messages"}],"private":false}}]"#;
+    ws.send(Message::text(join))
+        .await
+        .map_err(|e| BenchError::new("ws send", e))?;
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .map_err(|_| BenchError("no join reply within 30 s".into()))?;
+        match frame {
+            Some(Ok(Message::Text(t))) if t.contains("Subscribed to PostgreSQL") => return Ok(ws),
+            Some(Ok(Message::Text(t))) if t.contains("\"error\"") => {
+                return Err(BenchError(format!("join failed: {t}")));
+            }
+            Some(Ok(_)) => {}
+            other => return Err(BenchError(format!("socket closed: {other:?}"))),
+        }
+    }
 }
 
 /// A subscriber with a 4 KiB receive buffer, for the caller to never read again.
@@ -152,7 +193,8 @@ pub(super) async fn receive(mut ws: Socket, timed: bool, stop: CancellationToken
         };
         match frame {
             Some(Ok(Message::Text(t))) => {
-                if t.starts_with("{\"event\"") {
+                // A `/ws` event, or a Supabase `postgres_changes` frame.
+                if t.starts_with("{\"event\"") || t.contains("\"postgres_changes\",{\"ids\"") {
                     got.events += 1;
                     if timed && let Some(age) = age(&t) {
                         got.latencies.push(age);

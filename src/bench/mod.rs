@@ -28,9 +28,8 @@ impl BenchError {
 pub struct BenchOptions {
     /// Admin URL of the PostgreSQL server; the bench creates its own `quill_bench` database.
     pub admin_url: String,
-    /// Scenarios to run (latency, fanout, targeted, write, connections, isolation, capture,
-    /// replica);
-    /// empty = all.
+    /// Scenarios to run (latency, fanout, supabase, targeted, write, connections, isolation,
+    /// capture, replica); empty = all.
     pub only: Vec<String>,
     /// Seconds per measured phase.
     pub seconds: u64,
@@ -63,6 +62,13 @@ pub async fn run(options: BenchOptions) -> Result<Vec<Row>, BenchError> {
     if options.wants("fanout") {
         for &n in &options.fanout {
             rows.push(scenarios::fanout(&options, n).await?);
+        }
+    }
+    if options.wants("supabase") {
+        // The same load as `fanout`, to Supabase Realtime subscribers, beside `/ws`.
+        for &n in &options.fanout {
+            rows.push(scenarios::fanout(&options, n).await?);
+            rows.push(scenarios::fanout_in(client::Protocol::Phoenix, &options, n).await?);
         }
     }
     if options.wants("targeted") {

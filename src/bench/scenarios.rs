@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{self, Received, Socket, stamp};
+use super::client::{self, Protocol, Received, Socket, stamp};
 use super::report::{Row, round};
 use super::server::{Server, Steal, config};
 use super::{BenchError, BenchOptions};
@@ -20,8 +20,20 @@ use super::{BenchError, BenchOptions};
 /// How long receivers keep reading after the writers stop.
 const DRAIN: Duration = Duration::from_secs(2);
 
-/// Opens `n` logged-in subscribers, `timed` of which record latencies.
+/// Opens `n` logged-in `/ws` subscribers, `timed` of which record latencies.
 async fn subscribers(
+    server: &Server,
+    tokens: &[String],
+    n: usize,
+    timed: usize,
+    stop: &CancellationToken,
+) -> Result<JoinSet<Received>, BenchError> {
+    subscribers_in(Protocol::Ws, server, tokens, n, timed, stop).await
+}
+
+/// `subscribers`, speaking `protocol`.
+async fn subscribers_in(
+    protocol: Protocol,
     server: &Server,
     tokens: &[String],
     n: usize,
@@ -36,7 +48,7 @@ async fn subscribers(
         for &i in chunk {
             let url = server.ws.clone();
             let token = tokens[i % tokens.len()].clone();
-            wave.spawn(async move { client::subscriber(&url, i, &token).await });
+            wave.spawn(async move { client::subscriber_in(protocol, &url, i, &token).await });
         }
         while let Some(joined) = wave.join_next().await {
             sockets.push(joined.map_err(|e| BenchError::new("subscriber task", e))??);
@@ -139,11 +151,17 @@ pub(super) async fn latency(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
 
 /// N subscribers of one service; writers insert as fast as they can.
 pub(super) async fn fanout(options: &BenchOptions, n: usize) -> Result<Row, BenchError> {
+    fanout_in(Protocol::Ws, options, n).await
+}
+
+/// The fan-out to N subscribers, speaking `protocol` (`supabase`: Supabase Realtime
+/// subscribers, to compare with `fanout`'s `/ws` on the same load).
+pub(super) async fn fanout_in(protocol: Protocol, options: &BenchOptions, n: usize) -> Result<Row, BenchError> {
     let server = Server::start(options, &config(r#"["authenticated"]"#)).await?;
     let ids = server.users(1).await?;
     let tokens = vec![Server::token(ids[0])];
     let stop = CancellationToken::new();
-    let set = subscribers(&server, &tokens, n, n.min(50), &stop).await?;
+    let set = subscribers_in(protocol, &server, &tokens, n, n.min(50), &stop).await?;
     let sql = pool(&server, 4).await?;
     let steal = Steal::start();
     let (cpu0, writes, elapsed) = write_for(&server, &sql, 4, options.phase()).await;
@@ -152,7 +170,11 @@ pub(super) async fn fanout(options: &BenchOptions, n: usize) -> Result<Row, Benc
     stop.cancel();
     let (events, mut latencies) = collect(set).await;
     let (_, peak) = server.rss_kib();
-    let row = Row::new(format!("fanout/{n}"))
+    let name = match protocol {
+        Protocol::Ws => "fanout",
+        Protocol::Phoenix => "supabase",
+    };
+    let row = Row::new(format!("{name}/{n}"))
         .with("subscribers", n)
         .with("writes_per_s", round(writes as f64 / elapsed, 1))
         .with(
