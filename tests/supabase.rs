@@ -3,8 +3,10 @@
 //! starts quill with tables of many column types and runs them.
 
 use quill::Config;
+use serde_json::{Value, json};
 
 use crate::support::node;
+use crate::support::ws::Ws;
 use crate::support::{Quill, TEST_SECRET, pg};
 
 const PROJECT: &str = "tests/supabase-client";
@@ -85,4 +87,270 @@ async fn an_idle_supabase_socket_stays_open_and_its_heartbeats_are_answered() {
     // heartbeat goes unanswered, so 75 s of idle pass only if every heartbeat is answered.
     let q = start(|_| {}).await;
     run(&q, "heartbeat.test.mjs").await;
+}
+
+/// A raw Phoenix client (`vsn=2.0.0`) with the anon key.
+async fn phoenix(q: &Quill, vsn: &str) -> Ws {
+    let config: Config = toml::from_str(CONFIG).expect("config");
+    let auth = config.authentication.expect("auth");
+    let key = quill::auth::issue_api_key(&auth, TEST_SECRET, "anon", 3600).expect("key");
+    let url = format!("ws://{}/realtime/v1/websocket?apikey={key}&vsn={vsn}", q.addr);
+    Ws::connect(&url).await
+}
+
+/// Sends a V2 message and returns the reply with its ref.
+async fn push(ws: &mut Ws, join_ref: Option<&str>, reference: &str, topic: &str, event: &str, payload: Value) -> Value {
+    ws.send_text(&json!([join_ref, reference, topic, event, payload]).to_string())
+        .await;
+    loop {
+        let frame = ws.next_frame().await;
+        if frame[1] == reference && frame[3] == "phx_reply" {
+            return frame;
+        }
+    }
+}
+
+fn join_payload(bindings: Value) -> Value {
+    json!({"config": {"broadcast": {"self": false}, "postgres_changes": bindings, "private": false}})
+}
+
+#[tokio::test]
+async fn hostile_frames_get_protocol_answers_and_never_take_the_socket_down() {
+    let q = start(|_| {}).await;
+    let mut ws = phoenix(&q, "2.0.0").await;
+    // Not Phoenix messages: ignored (there is no ref to answer), the socket stays.
+    ws.send_text("not json").await;
+    ws.send_text("[1, 2]").await;
+    ws.send_text(r#"{"topic": "x"}"#).await;
+    ws.send_binary(vec![9, 9, 9]).await;
+    ws.send_binary(vec![3, 200, 0, 0, 0, 0, 1, b'x']).await;
+    let beat = push(&mut ws, None, "1", "phoenix", "heartbeat", json!({})).await;
+    assert_eq!(
+        beat,
+        json!([null, "1", "phoenix", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    // A push to a topic never joined.
+    let unmatched = push(&mut ws, Some("9"), "2", "realtime:nowhere", "broadcast", json!({})).await;
+    assert_eq!(unmatched[0], Value::Null);
+    assert_eq!(
+        unmatched[4],
+        json!({"status": "error", "response": {"reason": "unmatched topic"}})
+    );
+    let reason = |reply: &Value| reply[4]["response"]["reason"].as_str().unwrap_or_default().to_owned();
+    let named = push(
+        &mut ws,
+        Some("3"),
+        "3",
+        "realtime:",
+        "phx_join",
+        join_payload(json!([])),
+    )
+    .await;
+    assert!(reason(&named).starts_with("TopicNameRequired"), "{named}");
+    let mut private = join_payload(json!([]));
+    private["config"]["private"] = json!(true);
+    let private = push(&mut ws, Some("4"), "4", "realtime:p", "phx_join", private).await;
+    assert!(reason(&private).starts_with("Unauthorized"), "{private}");
+    let malformed = push(
+        &mut ws,
+        Some("5"),
+        "5",
+        "realtime:m",
+        "phx_join",
+        join_payload(json!({"event": "*"})),
+    )
+    .await;
+    assert!(reason(&malformed).starts_with("InvalidJoinPayload"), "{malformed}");
+    let many: Vec<Value> = (0..65)
+        .map(|i| json!({"event": "*", "schema": "public", "table": "notes", "filter": format!("n=eq.{i}")}))
+        .collect();
+    let too_many = push(
+        &mut ws,
+        Some("6"),
+        "6",
+        "realtime:many",
+        "phx_join",
+        join_payload(json!(many)),
+    )
+    .await;
+    assert!(reason(&too_many).contains("at most 64"), "{too_many}");
+    // A filter that is only a parenthesis: a system error, not a crash.
+    let odd = push(
+        &mut ws,
+        Some("7"),
+        "7",
+        "realtime:odd",
+        "phx_join",
+        join_payload(json!([{"event": "*", "schema": "public", "table": "notes", "filter": "id=in.("}])),
+    )
+    .await;
+    assert_eq!(odd[4]["status"], "ok");
+    let system = ws.next_frame().await;
+    assert_eq!(system[3], "system");
+    assert_eq!(system[4]["status"], "error");
+    assert!(
+        system[4]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("parentheses"),
+        "{system}"
+    );
+    // Presence is refused with a reply, so `track()` does not hang.
+    let presence = push(
+        &mut ws,
+        Some("7"),
+        "8",
+        "realtime:odd",
+        "presence",
+        json!({"type": "presence", "event": "track"}),
+    )
+    .await;
+    assert_eq!(presence[4]["status"], "error");
+    // Still serving.
+    let beat = push(&mut ws, None, "9", "phoenix", "heartbeat", json!({})).await;
+    assert_eq!(beat[4]["status"], "ok");
+}
+
+#[tokio::test]
+async fn one_socket_may_join_at_most_a_hundred_channels() {
+    let q = start(|_| {}).await;
+    let mut ws = phoenix(&q, "2.0.0").await;
+    for i in 0..100 {
+        let r = i.to_string();
+        let reply = push(
+            &mut ws,
+            Some(&r),
+            &r,
+            &format!("realtime:c{i}"),
+            "phx_join",
+            join_payload(json!([])),
+        )
+        .await;
+        assert_eq!(reply[4]["status"], "ok", "{reply}");
+    }
+    let reply = push(
+        &mut ws,
+        Some("100"),
+        "100",
+        "realtime:c100",
+        "phx_join",
+        join_payload(json!([])),
+    )
+    .await;
+    assert_eq!(
+        reply[4]["response"]["reason"],
+        "ChannelRateLimitReached: Too many channels"
+    );
+    // Leaving one makes room.
+    push(&mut ws, Some("0"), "101", "realtime:c0", "phx_leave", json!({})).await;
+    let reply = push(
+        &mut ws,
+        Some("102"),
+        "102",
+        "realtime:c100",
+        "phx_join",
+        join_payload(json!([])),
+    )
+    .await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+}
+
+#[tokio::test]
+async fn a_stalled_supabase_client_is_cut_off_while_a_healthy_one_gets_everything() {
+    const N: usize = 20_000;
+    let q = start(|c| {
+        c.outgoing_queue = 256;
+        c.slow_consumer_timeout_ms = 500;
+        // The close frame waits behind what was queued until the test reads it.
+        c.limits.write_timeout_ms = 120_000;
+    })
+    .await;
+    let binding = json!([{"event": "INSERT", "schema": "public", "table": "notes"}]);
+    let mut stalled = phoenix(&q, "2.0.0").await;
+    let mut healthy = phoenix(&q, "1.0.0").await;
+    push(
+        &mut stalled,
+        Some("1"),
+        "1",
+        "realtime:feed",
+        "phx_join",
+        join_payload(binding.clone()),
+    )
+    .await;
+    assert_eq!(stalled.next_frame().await[4]["message"], "Subscribed to PostgreSQL");
+    healthy
+        .send_text(&json!({"topic": "realtime:feed", "event": "phx_join", "payload": join_payload(binding), "ref": "1", "join_ref": "1"}).to_string())
+        .await;
+    assert_eq!(healthy.next_frame().await["payload"]["status"], "ok");
+    assert_eq!(
+        healthy.next_frame().await["payload"]["message"],
+        "Subscribed to PostgreSQL"
+    );
+    // 20 000 changes of 4 KB: 80 MB if a stalled queue were unbounded.
+    let sql = q.sql().await;
+    sqlx::query("INSERT INTO notes (body, n) SELECT repeat('x', 4096), g FROM generate_series(1, $1) g")
+        .bind(N as i32)
+        .execute(&sql)
+        .await
+        .expect("insert");
+    for expected in 1..=N as i64 {
+        let frame = healthy.next_frame().await;
+        assert_eq!(frame["event"], "postgres_changes", "{frame}");
+        assert_eq!(
+            frame["payload"]["data"]["record"]["n"], expected,
+            "in commit order, none lost"
+        );
+    }
+    assert!(q.metrics().await.contains("quill_slow_consumer_disconnects_total 1\n"));
+    let (code, reason) = stalled.closed().await;
+    assert_eq!(code, 4008, "{reason}");
+}
+
+#[tokio::test]
+async fn a_removed_user_s_channels_close_and_the_socket_goes_on_anonymously() {
+    let q = start(|_| {}).await;
+    let (id, token) = q.user("removed@example.com", false).await;
+    let mut ws = phoenix(&q, "2.0.0").await;
+    let mut payload = join_payload(json!([{"event": "*", "schema": "public", "table": "messages"}]));
+    payload["access_token"] = json!(token);
+    let reply = push(&mut ws, Some("1"), "1", "realtime:mine", "phx_join", payload).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    assert_eq!(ws.next_frame().await[4]["message"], "Subscribed to PostgreSQL");
+    let sql = q.sql().await;
+    sqlx::query("DELETE FROM users WHERE id = $1")
+        .bind(id)
+        .execute(&sql)
+        .await
+        .expect("delete");
+    let system = ws.next_frame().await;
+    assert_eq!(system[3], "system", "{system}");
+    assert_eq!(system[4]["extension"], "system");
+    assert_eq!(system[4]["status"], "error");
+    let close = ws.next_frame().await;
+    assert_eq!(close, json!(["1", "1", "realtime:mine", "phx_close", {}]));
+    // The socket is anonymous now: messages (logged-in only) no longer reach a new channel,
+    // while notes (everyone) do.
+    let both = json!([
+        {"event": "INSERT", "schema": "public", "table": "messages"},
+        {"event": "INSERT", "schema": "public", "table": "notes"}
+    ]);
+    push(
+        &mut ws,
+        Some("2"),
+        "2",
+        "realtime:after",
+        "phx_join",
+        join_payload(both),
+    )
+    .await;
+    assert_eq!(ws.next_frame().await[4]["message"], "Subscribed to PostgreSQL");
+    sqlx::raw_sql("INSERT INTO messages (text) VALUES ('secret'); INSERT INTO notes (body) VALUES ('sentinel');")
+        .execute(&sql)
+        .await
+        .expect("insert");
+    let frame = ws.next_frame().await;
+    assert_eq!(
+        frame[4]["data"]["table"], "notes",
+        "the messages row never arrives: {frame}"
+    );
 }

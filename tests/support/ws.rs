@@ -41,6 +41,10 @@ impl Ws {
         self.socket.send(Message::text(text)).await.expect("ws send");
     }
 
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.socket.send(Message::binary(bytes)).await.expect("ws send");
+    }
+
     /// Sends `{ref, method, service, ..extra}` and returns the reply frame; events that
     /// arrive meanwhile are kept for `next_event`.
     pub async fn call(&mut self, method: &str, service: &str, extra: Value) -> Value {

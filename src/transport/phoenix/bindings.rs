@@ -256,7 +256,7 @@ fn parse_filter(filter: &str) -> Result<Vec<Condition>, String> {
             if !OPERATORS.contains(&op) {
                 return Err(format!("[{op:?}, {value:?}]"));
             }
-            if op == "in" && !(value.starts_with('(') && value.ends_with(')')) {
+            if op == "in" && !(value.len() >= 2 && value.starts_with('(') && value.ends_with(')')) {
                 return Err("`in` filter value must be wrapped by parentheses".to_owned());
             }
             if op == "is" && !matches!(value, "null" | "true" | "false") {
