@@ -1,6 +1,7 @@
 -- Whole-row references as `alias.*`: a bare `row_to_json(n)` means the column `n` when the
 -- captured table has one (a table with a column named n, o or r could not be updated, or
--- written at all, with quill capturing it: "column reference is ambiguous").
+-- written at all, with quill capturing it: "column reference is ambiguous"). Likewise the
+-- update trigger's variables (`key`, `update_kind`) win over columns of those names.
 
 CREATE OR REPLACE FUNCTION quill.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -35,6 +36,7 @@ $$;
 
 CREATE OR REPLACE FUNCTION quill.capture_update() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
 DECLARE
     logged bigint;
     update_kind text;

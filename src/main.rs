@@ -64,8 +64,8 @@ struct TokenArgs {
     /// The key's role: `anon` is an anonymous client (the only role quill gives keys for).
     #[arg(long, default_value = "anon")]
     role: String,
-    /// How long the key is valid, in days.
-    #[arg(long, default_value_t = 3650)]
+    /// How long the key is valid, in days (at most 36 500).
+    #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u64).range(1..=36_500))]
     days: u64,
     #[command(flatten)]
     options: Options,

@@ -149,6 +149,9 @@ impl Policy {
     }
 }
 
+/// The views of a Supabase-style record: of the row, and of the old row (`None`: its id only).
+type RecordViews = (u64, Option<u64>);
+
 /// An event on its way out: its channels and its rendered views.
 pub struct Prepared<'a> {
     pub channels: Vec<String>,
@@ -168,8 +171,9 @@ pub struct Prepared<'a> {
     moved_out: Option<Arc<RenderedEvent>>,
     /// The service's table, for Supabase-style records (their schema, table and columns).
     table: Option<Arc<Table>>,
-    /// One Supabase-style record per distinct view, built on first use.
-    records: Vec<(u64, Option<Arc<ChangeRecord>>)>,
+    /// One Supabase-style record per distinct view (of the row, and of the old row when
+    /// the reader may have it), built on first use.
+    records: Vec<(RecordViews, Option<Arc<ChangeRecord>>)>,
 }
 
 impl Prepared<'_> {
@@ -179,25 +183,40 @@ impl Prepared<'_> {
         self
     }
 
-    /// The event as a Supabase `postgres_changes` record for a view (row and old row in
-    /// that view), rendered once per view; `None` for a truncate or without a table.
-    pub fn record(&mut self, view: u64) -> Option<Arc<ChangeRecord>> {
-        if let Some((_, record)) = self.records.iter().find(|(v, _)| *v == view) {
+    /// The view a reader has of the row as it was before an update, if it may have that
+    /// row at all (its channels held it then and the event filters allowed it): `None`
+    /// otherwise, or when the event has no old row.
+    pub fn old_view_for(&self, user: Option<&Principal>, was_reached: bool) -> Option<u64> {
+        let before = self.before.as_ref()?;
+        (was_reached && self.allowed_before(user)).then(|| self.policy.visibility.view(user, &before.data))
+    }
+
+    /// The event as a Supabase `postgres_changes` record: the row in `view`, and for an
+    /// update the old row in `old_view`, or only its id when the reader may not have the
+    /// old row (as Supabase sends under RLS). Rendered once per pair of views; `None` for a
+    /// truncate or without a table.
+    pub fn record(&mut self, view: u64, old_view: Option<u64>) -> Option<Arc<ChangeRecord>> {
+        let key = (view, old_view);
+        if let Some((_, record)) = self.records.iter().find(|(k, _)| *k == key) {
             return record.clone();
         }
         let table = self.table.clone()?;
         let visibility = &self.policy.visibility;
-        let in_view = |row: &Value| {
+        let in_view = |row: &Value, view: u64| {
             let mut row = row.clone();
             if !visibility.is_full(view) {
                 visibility.apply(&mut row, view);
             }
             row
         };
-        let row = in_view(&self.event.data);
-        let old = self.event.old.as_ref().map(in_view);
+        let row = in_view(&self.event.data, view);
+        let id_column = &*self.policy.id_column;
+        let old = self.event.old.as_ref().map(|old| match old_view {
+            Some(old_view) => in_view(old, old_view),
+            None => serde_json::json!({ id_column: old.get(id_column).cloned().unwrap_or(Value::Null) }),
+        });
         let record = change_record::render(self.event, &table, &row, old.as_ref());
-        self.records.push((view, record.clone()));
+        self.records.push((key, record.clone()));
         record
     }
 

@@ -325,9 +325,11 @@ impl Member {
         self.subscriptions.get(service).or(self.all_services.as_ref())
     }
 
-    /// Queues a frame only if it fits now, behind nothing parked; false otherwise.
+    /// Queues a frame only while the queue is at most a quarter full and nothing is
+    /// parked; false otherwise. Best-effort frames (broadcasts) never fill a queue that
+    /// events need, and a client that stopped reading holds few of them.
     pub(super) fn offer_if_room(&self, frame: Frame) -> bool {
-        if self.kick.token.is_cancelled() {
+        if self.kick.token.is_cancelled() || self.tx.capacity() * 4 < self.tx.max_capacity() * 3 {
             return false;
         }
         match self.overflow.lock() {

@@ -719,6 +719,8 @@ impl Hub {
             self.metrics.events_filtered.inc();
             return;
         };
+        // The old row of an update only for a reader who could see it before.
+        let old_view = prepared.old_view_for(user, was_reached(member, prepared));
         // A filter on a column the user can no longer see (a new login) would reveal it.
         let checked = sub.checked_for(user);
         let mut delivered = false;
@@ -736,7 +738,7 @@ impl Hub {
             if matched == 0 {
                 continue;
             }
-            let Some(record) = prepared.record(view) else {
+            let Some(record) = prepared.record(view, old_view) else {
                 break;
             };
             let frame = Frame::Routed {

@@ -114,5 +114,9 @@ pub(super) async fn sleep_until(deadline: Option<Instant>) {
 /// A Unix time as an `Instant`.
 pub(super) fn instant_at(unix_seconds: u64) -> Instant {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    Instant::now() + Duration::from_secs(unix_seconds.saturating_sub(now))
+    let wait = Duration::from_secs(unix_seconds.saturating_sub(now));
+    // A token "valid" for centuries: far enough (an Instant cannot hold every u64).
+    Instant::now()
+        .checked_add(wait)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400))
 }

@@ -262,6 +262,12 @@ fn parse_filter(filter: &str) -> Result<Vec<Condition>, String> {
             if op == "is" && !matches!(value, "null" | "true" | "false") {
                 return Err(format!("`is` takes null, true or false, not {value:?}"));
             }
+            // `IS NOT TRUE` holds for NULL too, which `find` has no single operator for.
+            if op == "is" && negated && value != "null" {
+                return Err(format!(
+                    "`not.is.{value}` is not supported by quill: use `neq.{value}` or `is.null`"
+                ));
+            }
             Ok(Condition {
                 column: column.trim().to_owned(),
                 op: op.to_owned(),
@@ -345,6 +351,8 @@ mod tests {
         assert_eq!(query_of("n=not.lt.5"), json!({"n": {"$gte": "5"}}));
         assert_eq!(query_of("body=is.null"), json!({"body": null}));
         assert_eq!(query_of("body=not.is.null"), json!({"body": {"$ne": null}}));
+        assert_eq!(query_of("flag=is.true"), json!({"flag": {"$in": ["true"]}}));
+        assert!(parse_filter("flag=not.is.true").is_err());
         assert_eq!(query_of("id=gt.0,id=lt.100"), json!({"id": {"$gt": "0", "$lt": "100"}}));
         assert_eq!(query_of(r#"room=eq."a,b""#), json!({"room": {"$in": ["a,b"]}}));
         assert_eq!(query_of(r#"room=in.("a,b",c)"#), json!({"room": {"$in": ["a,b", "c"]}}));

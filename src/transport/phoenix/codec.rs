@@ -41,7 +41,7 @@ pub(super) struct Message {
 }
 
 /// Why a frame is not a message.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, PartialEq, thiserror::Error)]
 pub(super) enum DecodeError {
     #[error("not a Phoenix message: {0}")]
     Shape(&'static str),
@@ -49,8 +49,9 @@ pub(super) enum DecodeError {
     Json(String),
     #[error("binary frames are broadcasts only (kind 3)")]
     BinaryKind,
+    /// A broadcast with a binary payload: its refs and topic, to answer it.
     #[error("a broadcast with a binary payload is not supported; send JSON")]
-    BinaryPayload,
+    BinaryPayload(Box<Message>),
 }
 
 /// A text frame.
@@ -121,7 +122,13 @@ pub(super) fn decode_binary(frame: &[u8]) -> Result<Message, DecodeError> {
     let meta = field(meta_len)?.to_vec();
     let payload = rest;
     if encoding != 1 {
-        return Err(DecodeError::BinaryPayload);
+        return Err(DecodeError::BinaryPayload(Box::new(Message {
+            join_ref: Some(join_ref).filter(|r| !r.is_empty()),
+            reference: Some(reference).filter(|r| !r.is_empty()),
+            topic,
+            event: "broadcast".into(),
+            payload: Value::Null,
+        })));
     }
     let payload: Value = serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
     let mut message = json!({ "type": "broadcast", "event": user_event, "payload": payload });
@@ -257,7 +264,13 @@ mod tests {
         );
         let mut raw = frame.clone();
         raw[6] = 0;
-        assert_eq!(decode_binary(&raw), Err(DecodeError::BinaryPayload));
+        let Err(DecodeError::BinaryPayload(to)) = decode_binary(&raw) else {
+            panic!("a binary payload is refused");
+        };
+        assert_eq!(
+            (to.reference.as_deref(), to.topic.as_str()),
+            (Some("2"), "realtime:room")
+        );
     }
 
     #[test]

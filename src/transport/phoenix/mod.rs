@@ -29,13 +29,21 @@ use tokio::time::Instant;
 
 use super::session::sleep_until;
 use super::ws::{Inbound, Outbound, inbound, to_message, write_frames};
-use super::{AppState, ClientAddr, MAX_BODY_BYTES};
+use super::{AppState, ClientAddr};
 use crate::auth::{KeyHolder, KeyRefused};
 use crate::hub::{Binding as HubBinding, Broadcast, ConnId, Cutoff, Frame, Route, Subscription, Topic};
 use codec::{Message, Vsn};
 
 /// The most channels one socket may join at once.
 const MAX_CHANNELS: usize = 100;
+/// The longest topic (realtime-js cannot send a longer one in a binary frame either).
+const MAX_TOPIC: usize = 255;
+/// The longest `filter` of a binding.
+const MAX_FILTER: usize = 4096;
+/// The largest frame a Supabase client may send (a broadcast message, mostly).
+const MAX_FRAME: usize = 256 * 1024;
+/// Broadcasts one socket may send per second, over any second.
+const BROADCASTS_PER_SECOND: u32 = 100;
 /// Topics of Supabase channels start with this.
 const TOPIC_PREFIX: &str = "realtime:";
 
@@ -87,7 +95,7 @@ async fn upgrade(
             return refuse(StatusCode::TOO_MANY_REQUESTS, &refused.to_string());
         }
     };
-    ws.max_message_size(MAX_BODY_BYTES)
+    ws.max_message_size(MAX_FRAME)
         .read_buffer_size(2 * 1024)
         .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| async move {
@@ -139,6 +147,7 @@ where
         holder: key,
         token: None,
         channels: HashMap::new(),
+        broadcasts: (Instant::now(), 0),
     };
     session.apply_holder();
     let writer = write_frames(&state, member.id, &mut member.frames, &member.kick, &mut tx, &encode);
@@ -149,6 +158,9 @@ where
     }
 }
 
+/// A channel's bindings per service.
+type Routes = HashMap<Arc<str>, Vec<HubBinding>>;
+
 /// A channel the socket joined.
 struct Channel {
     join_ref: Option<String>,
@@ -157,8 +169,11 @@ struct Channel {
     broadcast_self: bool,
     /// `config.broadcast.ack`: a broadcast is answered once it was sent on.
     broadcast_ack: bool,
-    /// The channel's bindings per service.
-    routes: HashMap<Arc<str>, Vec<HubBinding>>,
+    /// The bindings as the client sent them, resolved again whenever the user changes.
+    bindings: Vec<bindings::Binding>,
+    /// The bindings per service, resolved for the connection's current user (empty when
+    /// they did not resolve: a `system` error said why).
+    routes: Routes,
 }
 
 struct Session<'a> {
@@ -172,6 +187,8 @@ struct Session<'a> {
     holder: KeyHolder,
     token: Option<String>,
     channels: HashMap<String, Channel>,
+    /// Broadcasts sent in the current one-second window, and when it began.
+    broadcasts: (Instant, u32),
 }
 
 impl Session<'_> {
@@ -185,13 +202,22 @@ impl Session<'_> {
             let expires = self.holder.expires_at().map(super::session::instant_at);
             tokio::select! {
                 Some(reason) = logouts.recv() => {
-                    // The hub logged the user out already.
+                    // The hub logged the user out already (the user was removed): if the
+                    // API key was theirs, it stands for nobody now either.
+                    if self.key.principal().is_some() {
+                        self.key = KeyHolder::Anonymous { expires_at: self.key.expires_at() };
+                    }
+                    self.close_all(reason).await;
                     self.holder = KeyHolder::Anonymous { expires_at: None };
                     self.token = None;
-                    self.close_all(reason).await;
                 }
                 _ = sleep_until(expires) => {
                     self.close_all("Token has expired 0 seconds ago").await;
+                    // Anonymous now; a join without a token of its own checks the key's
+                    // expiry (the key may be what expired).
+                    if self.token.is_none() {
+                        self.key = KeyHolder::Anonymous { expires_at: self.key.expires_at() };
+                    }
                     self.holder = KeyHolder::Anonymous { expires_at: None };
                     self.token = None;
                     self.apply_holder();
@@ -212,6 +238,12 @@ impl Session<'_> {
                     };
                     match message {
                         Ok(message) => self.handle(message).await,
+                        Err(codec::DecodeError::BinaryPayload(to)) => {
+                            if self.channels.get(&to.topic).is_some_and(|c| c.broadcast_ack) {
+                                let reason = "a broadcast with a binary payload is not supported; send JSON";
+                                self.reply(&to, "error", json!({ "reason": reason })).await;
+                            }
+                        }
                         // Nothing to answer: without a ref the client could not match a reply.
                         Err(e) => tracing::debug!(error = %e, "ignoring a frame that is not a Phoenix message"),
                     }
@@ -249,8 +281,10 @@ impl Session<'_> {
         }
         match message.event.as_str() {
             "phx_leave" => {
+                let join_ref = channel.join_ref.clone();
                 self.leave(&message.topic);
                 self.reply(&message, "ok", json!({})).await;
+                self.push_close(&message.topic, join_ref.as_deref()).await;
             }
             "access_token" => self.refresh(message).await,
             "broadcast" => self.broadcast(message).await,
@@ -274,6 +308,10 @@ impl Session<'_> {
             return self
                 .reply(&unmatched, "error", json!({ "reason": "unmatched topic" }))
                 .await;
+        }
+        if topic.len() > MAX_TOPIC {
+            let reason = format!("InvalidJoinPayload: a topic is at most {MAX_TOPIC} bytes");
+            return self.reply(&message, "error", join_error(reason)).await;
         }
         if topic == TOPIC_PREFIX {
             let reason = "TopicNameRequired: You must provide a topic name".to_owned();
@@ -306,12 +344,17 @@ impl Session<'_> {
             .filter(|t| !t.starts_with("sb_"));
         match token {
             Some(token) if self.token.as_deref() != Some(token) => match self.check(token).await {
-                Ok(holder) => self.set_holder(holder, Some(token.to_owned())),
+                Ok(holder) => self.switch_to(holder, Some(token.to_owned())).await,
                 Err(refused) => {
                     let reason = format!("{}: {refused}", refused.code());
                     return self.reply(&message, "error", join_error(reason)).await;
                 }
             },
+            // Without a token of its own the join stands on the API key.
+            None if self.token.is_none() && self.key.expires_at().is_some_and(|exp| exp <= unix_now()) => {
+                let reason = format!("{}: {}", KeyRefused::Expired.code(), KeyRefused::Expired);
+                return self.reply(&message, "error", join_error(reason)).await;
+            }
             _ if self.holder.expires_at().is_some_and(|exp| exp <= unix_now()) => {
                 let reason = format!("{}: {}", KeyRefused::Expired.code(), KeyRefused::Expired);
                 return self.reply(&message, "error", join_error(reason)).await;
@@ -333,30 +376,20 @@ impl Session<'_> {
                     .await;
             }
         };
-        // Every binding must hold, or none is registered (as on Supabase).
-        let caller = self.holder.principal().cloned();
-        let mut routes: HashMap<Arc<str>, Vec<HubBinding>> = HashMap::new();
-        let mut problem = None;
-        for (index, binding) in bindings.iter().enumerate() {
-            match binding.resolve(&self.state.services, caller.as_ref()) {
-                Ok(resolved) => {
-                    for r in resolved {
-                        routes.entry(r.service.name.clone()).or_default().push(HubBinding {
-                            index,
-                            kinds: r.kinds,
-                            query: r.query,
-                        });
-                    }
-                }
-                Err(e) => {
-                    problem = Some(e);
-                    break;
-                }
-            }
+        if let Some(b) = bindings
+            .iter()
+            .find(|b| b.filter.as_ref().is_some_and(|f| f.len() > MAX_FILTER))
+        {
+            let reason = format!(
+                "InvalidJoinPayload: a filter is at most {MAX_FILTER} bytes (binding {})",
+                b.id
+            );
+            return self.reply(&message, "error", join_error(reason)).await;
         }
-        if problem.is_some() {
-            routes.clear();
-        }
+        let (routes, problem) = match self.resolve(&bindings) {
+            Ok(routes) => (routes, None),
+            Err(e) => (HashMap::new(), Some(e)),
+        };
         let echoed: Vec<Value> = bindings
             .iter()
             .map(|b| {
@@ -376,6 +409,7 @@ impl Session<'_> {
             )),
             broadcast_self: flag("self"),
             broadcast_ack: flag("ack"),
+            bindings,
             routes,
         };
         let services: Vec<Arc<str>> = channel.routes.keys().cloned().collect();
@@ -383,15 +417,78 @@ impl Session<'_> {
         self.state.hub.join_topic(self.conn, &topic);
         // Live from here: a change committed after the client reads the next message reaches it.
         self.resubscribe(services);
-        if bindings.is_empty() {
+        self.announce(&topic, problem).await;
+    }
+
+    /// Resolves a channel's bindings for the connection's user. Every binding must hold,
+    /// or none is registered (as on Supabase); the error is the `system` message.
+    fn resolve(&self, bindings: &[bindings::Binding]) -> Result<Routes, String> {
+        let caller = self.holder.principal();
+        let mut routes = Routes::new();
+        for (index, binding) in bindings.iter().enumerate() {
+            for r in binding.resolve(&self.state.services, caller)? {
+                routes.entry(r.service.name.clone()).or_default().push(HubBinding {
+                    index,
+                    kinds: r.kinds,
+                    query: r.query,
+                });
+            }
+        }
+        Ok(routes)
+    }
+
+    /// Tells a channel with bindings whether its feed is live (`problem`: why not).
+    async fn announce(&self, topic: &str, problem: Option<String>) {
+        if self.channels.get(topic).is_none_or(|c| c.bindings.is_empty()) {
             return;
         }
         match problem {
             None => {
-                self.system(&topic, "postgres_changes", "ok", "Subscribed to PostgreSQL")
+                self.system(topic, "postgres_changes", "ok", "Subscribed to PostgreSQL")
                     .await
             }
-            Some(e) => self.system(&topic, "postgres_changes", "error", &e).await,
+            Some(e) => self.system(topic, "postgres_changes", "error", &e).await,
+        }
+    }
+
+    /// The connection becomes another user (or anonymous): every channel's bindings are
+    /// resolved again for it (a filter it may not use is refused, as at a join), and each
+    /// channel with bindings hears whether its feed is live, as on Supabase.
+    async fn switch_to(&mut self, holder: KeyHolder, token: Option<String>) {
+        self.holder = holder;
+        self.token = token;
+        self.apply_holder();
+        let resolved: Vec<(String, Result<Routes, String>)> = self
+            .channels
+            .iter()
+            .map(|(topic, c)| (topic.clone(), self.resolve(&c.bindings)))
+            .collect();
+        let mut services: Vec<Arc<str>> = Vec::new();
+        let mut outcomes = Vec::new();
+        for (topic, result) in resolved {
+            let Some(channel) = self.channels.get_mut(&topic) else {
+                continue;
+            };
+            // The services it was on (to drop) and is on now (to register).
+            services.extend(channel.routes.keys().cloned());
+            let problem = match result {
+                Ok(routes) => {
+                    channel.routes = routes;
+                    None
+                }
+                Err(e) => {
+                    channel.routes.clear();
+                    Some(e)
+                }
+            };
+            services.extend(channel.routes.keys().cloned());
+            outcomes.push((topic, problem));
+        }
+        services.sort();
+        services.dedup();
+        self.resubscribe(services);
+        for (topic, problem) in outcomes {
+            self.announce(&topic, problem).await;
         }
     }
 
@@ -415,36 +512,17 @@ impl Session<'_> {
             return;
         }
         match self.check(token).await {
-            Ok(holder) => {
-                self.set_holder(holder, Some(token.to_owned()));
-                // Who may filter on what follows the user.
-                let services: Vec<Arc<str>> = self.channels.values().flat_map(|c| c.routes.keys().cloned()).collect();
-                self.resubscribe(services);
-                // As Supabase does after re-creating the subscription: live for the new user.
-                if self
-                    .channels
-                    .get(&message.topic)
-                    .is_some_and(|c| !c.topic.ids.is_empty())
-                {
-                    self.system(&message.topic, "postgres_changes", "ok", "Subscribed to PostgreSQL")
-                        .await;
-                }
-            }
+            Ok(holder) => self.switch_to(holder, Some(token.to_owned())).await,
             Err(refused) => {
                 let join_ref = self.channels.get(&message.topic).and_then(|c| c.join_ref.clone());
                 self.leave(&message.topic);
-                self.system_with(
-                    &message.topic,
-                    join_ref.as_deref(),
-                    "system",
-                    "error",
-                    &refused.to_string(),
-                )
-                .await;
+                let reason = refused.to_string();
+                self.system_with(&message.topic, join_ref.as_deref(), "system", "error", &reason)
+                    .await;
                 self.push_close(&message.topic, join_ref.as_deref()).await;
                 // Back to what the API key allows.
                 let key = self.key.clone();
-                self.set_holder(key, None);
+                self.switch_to(key, None).await;
             }
         }
     }
@@ -454,7 +532,20 @@ impl Session<'_> {
         let Some(channel) = self.channels.get(&message.topic) else {
             return;
         };
-        let (to_sender, ack) = (channel.broadcast_self, channel.broadcast_ack);
+        let (to_sender, ack, join_ref) = (channel.broadcast_self, channel.broadcast_ack, channel.join_ref.clone());
+        let now = Instant::now();
+        if now.duration_since(self.broadcasts.0) >= std::time::Duration::from_secs(1) {
+            self.broadcasts = (now, 0);
+        }
+        self.broadcasts.1 += 1;
+        if self.broadcasts.1 > BROADCASTS_PER_SECOND {
+            // As Supabase does: the channel is shut down, the client may join again.
+            self.leave(&message.topic);
+            let reason = "Too many messages per second";
+            self.system_with(&message.topic, join_ref.as_deref(), "system", "error", reason)
+                .await;
+            return self.push_close(&message.topic, join_ref.as_deref()).await;
+        }
         let valid = message.payload.get("type").and_then(Value::as_str) == Some("broadcast")
             && message.payload.get("event").and_then(Value::as_str).is_some();
         if !valid {
@@ -479,12 +570,6 @@ impl Session<'_> {
             Some(auth) => auth.key_holder(token).await,
             None => Err(KeyRefused::Signature),
         }
-    }
-
-    fn set_holder(&mut self, holder: KeyHolder, token: Option<String>) {
-        self.holder = holder;
-        self.token = token;
-        self.apply_holder();
     }
 
     /// Puts the connection in the hub's channels of its holder.
