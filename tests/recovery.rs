@@ -52,6 +52,16 @@ async fn quill_rides_out_a_postgres_restart_and_loses_no_change() {
     .await;
     let mut ws = q.ws().await;
     ws.subscribe("messages").await;
+    // A Supabase Realtime client beside it: the same guarantee on that protocol.
+    let auth = crate::support::open_demo().authentication.expect("the demo has auth");
+    let key = quill::auth::issue_api_key(&auth, crate::support::TEST_SECRET, "anon", 3600).expect("key");
+    let mut supabase =
+        crate::support::ws::Ws::connect(&format!("ws://{}/realtime/v1/websocket?apikey={key}&vsn=2.0.0", q.addr)).await;
+    let join = json!(["1", "1", "realtime:feed", "phx_join",
+        {"config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "messages"}]}}]);
+    supabase.send_text(&join.to_string()).await;
+    assert_eq!(supabase.next_frame().await[4]["status"], "ok");
+    assert_eq!(supabase.next_frame().await[4]["message"], "Subscribed to PostgreSQL");
 
     let sql = PgPool::connect(&url).await.expect("sql");
     insert_messages(&sql, 0, 100).await;
@@ -82,6 +92,16 @@ async fn quill_rides_out_a_postgres_restart_and_loses_no_change() {
         .collect();
     let expected: Vec<String> = (0..200).map(|i| i.to_string()).collect();
     assert!(texts == expected, "all 200 changes, once each, in order: {texts:?}");
+    let mut via_supabase = Vec::new();
+    while via_supabase.len() < 200 {
+        let frame = supabase.next_frame().await;
+        assert_eq!(frame[3], "postgres_changes", "{frame}");
+        via_supabase.push(frame[4]["data"]["record"]["text"].as_str().unwrap_or("").to_owned());
+    }
+    assert!(
+        via_supabase == expected,
+        "the same on Supabase Realtime: {via_supabase:?}"
+    );
     ws.expect_no_event(Duration::from_millis(500)).await;
     wait_for_ready_status(&q, 200).await;
     sql.close().await;
