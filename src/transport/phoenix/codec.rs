@@ -183,26 +183,27 @@ pub(super) fn postgres_changes(vsn: Vsn, topic: &Topic, matched: u64, record: &C
     let ids: Vec<i64> = topic.matched_ids(matched).collect();
     let topic = serde_json::to_string(&*topic.name).unwrap_or_default();
     let ids = serde_json::to_string(&ids).unwrap_or_default();
+    let (head, tail): (&[u8], &[u8]) = match vsn {
+        Vsn::V2 => (b"[null,null,", b"]"),
+        Vsn::V1 => (b"{\"topic\":", b",\"ref\":null}"),
+    };
+    let event: &[u8] = match vsn {
+        Vsn::V2 => b",\"postgres_changes\",",
+        Vsn::V1 => b",\"event\":\"postgres_changes\",\"payload\":",
+    };
     let mut out = Vec::with_capacity(record.data.len() + topic.len() + ids.len() + 80);
-    match vsn {
-        Vsn::V2 => {
-            out.extend_from_slice(b"[null,null,");
-            out.extend_from_slice(topic.as_bytes());
-            out.extend_from_slice(b",\"postgres_changes\",{\"ids\":");
-            out.extend_from_slice(ids.as_bytes());
-            out.extend_from_slice(b",\"data\":");
-            out.extend_from_slice(&record.data);
-            out.extend_from_slice(b"}]");
-        }
-        Vsn::V1 => {
-            out.extend_from_slice(b"{\"topic\":");
-            out.extend_from_slice(topic.as_bytes());
-            out.extend_from_slice(b",\"event\":\"postgres_changes\",\"payload\":{\"ids\":");
-            out.extend_from_slice(ids.as_bytes());
-            out.extend_from_slice(b",\"data\":");
-            out.extend_from_slice(&record.data);
-            out.extend_from_slice(b"},\"ref\":null}");
-        }
+    for part in [
+        head,
+        topic.as_bytes(),
+        event,
+        b"{\"ids\":",
+        ids.as_bytes(),
+        b",\"data\":",
+        &record.data,
+        b"}",
+        tail,
+    ] {
+        out.extend_from_slice(part);
     }
     Bytes::from(out)
 }
