@@ -20,6 +20,7 @@
 //! and for tests.
 
 pub mod auth;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod change;
 pub mod channel;

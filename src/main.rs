@@ -25,10 +25,12 @@ enum Command {
     /// the configured JWT secret.
     Token(TokenArgs),
     /// Measure latency, fan-out, the write path, connections and capture overhead against
-    /// a quill this command starts on a throwaway database.
+    /// a quill this command starts on a throwaway database (builds with `--features bench`).
+    #[cfg(feature = "bench")]
     Bench(BenchArgs),
 }
 
+#[cfg(feature = "bench")]
 #[derive(clap::Args)]
 struct BenchArgs {
     /// Admin URL of the PostgreSQL server to use (a `quill_bench` database is created).
@@ -101,6 +103,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(opts) => runtime.block_on(serve(opts)),
         Command::Migrate(opts) => runtime.block_on(migrate(opts)),
         Command::Token(args) => token(args),
+        #[cfg(feature = "bench")]
         Command::Bench(args) => runtime.block_on(async {
             let options = quill::bench::BenchOptions {
                 admin_url: args.database_url,
