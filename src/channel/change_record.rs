@@ -25,12 +25,18 @@ pub(super) fn render(
         EventKind::Removed => ("DELETE", None, Some(row)),
         EventKind::Truncated => return None,
     };
-    let shown = record.or(old_record).and_then(Value::as_object);
+    let shows = |name: &str| {
+        [record, old_record]
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_object)
+            .any(|fields| fields.contains_key(name))
+    };
     let columns: Vec<Value> = table
         .columns
         .iter()
-        // Only the columns this view shows: hidden fields are not even named.
-        .filter(|c| shown.is_some_and(|fields| fields.contains_key(&c.name)))
+        // Only the columns this reader is shown (new or old row): hidden ones are not named.
+        .filter(|c| shows(&c.name))
         .map(|c| serde_json::json!({ "name": c.name, "type": c.type_name }))
         .collect();
     let mut data = serde_json::Map::new();

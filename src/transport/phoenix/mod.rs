@@ -42,8 +42,8 @@ const MAX_TOPIC: usize = 255;
 const MAX_FILTER: usize = 4096;
 /// The largest frame a Supabase client may send (a broadcast message, mostly).
 const MAX_FRAME: usize = 256 * 1024;
-/// Broadcasts one socket may send per second, over any second.
-const BROADCASTS_PER_SECOND: u32 = 100;
+/// Broadcasts one socket may send per second (a bucket of this many, refilled at this rate).
+const BROADCASTS_PER_SECOND: f64 = 100.0;
 /// Topics of Supabase channels start with this.
 const TOPIC_PREFIX: &str = "realtime:";
 
@@ -96,6 +96,7 @@ async fn upgrade(
         }
     };
     ws.max_message_size(MAX_FRAME)
+        .max_frame_size(MAX_FRAME)
         .read_buffer_size(2 * 1024)
         .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| async move {
@@ -147,7 +148,7 @@ where
         holder: key,
         token: None,
         channels: HashMap::new(),
-        broadcasts: (Instant::now(), 0),
+        broadcasts: (BROADCASTS_PER_SECOND, Instant::now()),
     };
     session.apply_holder();
     let writer = write_frames(&state, member.id, &mut member.frames, &member.kick, &mut tx, &encode);
@@ -187,8 +188,8 @@ struct Session<'a> {
     holder: KeyHolder,
     token: Option<String>,
     channels: HashMap<String, Channel>,
-    /// Broadcasts sent in the current one-second window, and when it began.
-    broadcasts: (Instant, u32),
+    /// The broadcast bucket: tokens left, and when it was last refilled.
+    broadcasts: (f64, Instant),
 }
 
 impl Session<'_> {
@@ -210,6 +211,9 @@ impl Session<'_> {
                     self.close_all(reason).await;
                     self.holder = KeyHolder::Anonymous { expires_at: None };
                     self.token = None;
+                    // A token switched to meanwhile is dropped too: the hub and the session
+                    // agree on anonymous.
+                    self.apply_holder();
                 }
                 _ = sleep_until(expires) => {
                     self.close_all("Token has expired 0 seconds ago").await;
@@ -337,30 +341,7 @@ impl Session<'_> {
             let reason = "Unauthorized: quill has no private channels; join without `private: true` (quill's channel rules decide who gets which row)";
             return self.reply(&message, "error", join_error(reason.to_owned())).await;
         }
-        // The join's token, else the one the connection has.
-        let token = ["access_token", "user_token"]
-            .iter()
-            .find_map(|k| message.payload.get(*k).and_then(Value::as_str))
-            .filter(|t| !t.starts_with("sb_"));
-        match token {
-            Some(token) if self.token.as_deref() != Some(token) => match self.check(token).await {
-                Ok(holder) => self.switch_to(holder, Some(token.to_owned())).await,
-                Err(refused) => {
-                    let reason = format!("{}: {refused}", refused.code());
-                    return self.reply(&message, "error", join_error(reason)).await;
-                }
-            },
-            // Without a token of its own the join stands on the API key.
-            None if self.token.is_none() && self.key.expires_at().is_some_and(|exp| exp <= unix_now()) => {
-                let reason = format!("{}: {}", KeyRefused::Expired.code(), KeyRefused::Expired);
-                return self.reply(&message, "error", join_error(reason)).await;
-            }
-            _ if self.holder.expires_at().is_some_and(|exp| exp <= unix_now()) => {
-                let reason = format!("{}: {}", KeyRefused::Expired.code(), KeyRefused::Expired);
-                return self.reply(&message, "error", join_error(reason)).await;
-            }
-            _ => {}
-        }
+        // The bindings are checked before the token changes anything.
         let bindings = match bindings::parse(config.get("postgres_changes")) {
             Ok(b) if b.len() > Topic::MAX_BINDINGS => {
                 let reason = format!(
@@ -385,6 +366,30 @@ impl Session<'_> {
                 b.id
             );
             return self.reply(&message, "error", join_error(reason)).await;
+        }
+        // The join's token, else the one the connection has.
+        let token = ["access_token", "user_token"]
+            .iter()
+            .find_map(|k| message.payload.get(*k).and_then(Value::as_str))
+            .filter(|t| !t.starts_with("sb_"));
+        match token {
+            Some(token) if self.token.as_deref() != Some(token) => match self.check(token).await {
+                Ok(holder) => self.switch_to(holder, Some(token.to_owned())).await,
+                Err(refused) => {
+                    let reason = format!("{}: {refused}", refused.code());
+                    return self.reply(&message, "error", join_error(reason)).await;
+                }
+            },
+            // Without a token of its own the join stands on the API key.
+            None if self.token.is_none() && self.key.expires_at().is_some_and(|exp| exp <= unix_now()) => {
+                let reason = format!("{}: {}", KeyRefused::Expired.code(), KeyRefused::Expired);
+                return self.reply(&message, "error", join_error(reason)).await;
+            }
+            _ if self.holder.expires_at().is_some_and(|exp| exp <= unix_now()) => {
+                let reason = format!("{}: {}", KeyRefused::Expired.code(), KeyRefused::Expired);
+                return self.reply(&message, "error", join_error(reason)).await;
+            }
+            _ => {}
         }
         let (routes, problem) = match self.resolve(&bindings) {
             Ok(routes) => (routes, None),
@@ -423,7 +428,9 @@ impl Session<'_> {
     /// Resolves a channel's bindings for the connection's user. Every binding must hold,
     /// or none is registered (as on Supabase); the error is the `system` message.
     fn resolve(&self, bindings: &[bindings::Binding]) -> Result<Routes, String> {
-        let caller = self.holder.principal();
+        // The hub's user: it follows the users table (a role change), the session's does not.
+        let caller = self.state.hub.principal(self.conn);
+        let caller = caller.as_deref();
         let mut routes = Routes::new();
         for (index, binding) in bindings.iter().enumerate() {
             for r in binding.resolve(&self.state.services, caller)? {
@@ -520,9 +527,15 @@ impl Session<'_> {
                 self.system_with(&message.topic, join_ref.as_deref(), "system", "error", &reason)
                     .await;
                 self.push_close(&message.topic, join_ref.as_deref()).await;
-                // Back to what the API key allows.
-                let key = self.key.clone();
-                self.switch_to(key, None).await;
+                // Back to what the API key allows (if the connection had a token of its
+                // own; an expired key leaves nothing to go back to).
+                if self.key.expires_at().is_some_and(|exp| exp <= unix_now()) {
+                    self.close_all("Token has expired 0 seconds ago").await;
+                    self.switch_to(KeyHolder::Anonymous { expires_at: None }, None).await;
+                } else if self.token.is_some() {
+                    let key = self.key.clone();
+                    self.switch_to(key, None).await;
+                }
             }
         }
     }
@@ -534,11 +547,11 @@ impl Session<'_> {
         };
         let (to_sender, ack, join_ref) = (channel.broadcast_self, channel.broadcast_ack, channel.join_ref.clone());
         let now = Instant::now();
-        if now.duration_since(self.broadcasts.0) >= std::time::Duration::from_secs(1) {
-            self.broadcasts = (now, 0);
-        }
-        self.broadcasts.1 += 1;
-        if self.broadcasts.1 > BROADCASTS_PER_SECOND {
+        let (tokens, since) = self.broadcasts;
+        let tokens =
+            (tokens + now.duration_since(since).as_secs_f64() * BROADCASTS_PER_SECOND).min(BROADCASTS_PER_SECOND);
+        self.broadcasts = (tokens - 1.0, now);
+        if tokens < 1.0 {
             // As Supabase does: the channel is shut down, the client may join again.
             self.leave(&message.topic);
             let reason = "Too many messages per second";
@@ -582,7 +595,8 @@ impl Session<'_> {
 
     /// Registers, for each service, the bindings every joined channel has on it.
     fn resubscribe(&self, services: Vec<Arc<str>>) {
-        let caller = self.holder.principal();
+        let caller = self.state.hub.principal(self.conn);
+        let caller = caller.as_deref();
         for service in services {
             let routes: Vec<Route> = self
                 .channels
