@@ -84,6 +84,133 @@ pub struct Config {
     /// The services, by name (the URL path segment).
     #[serde(default)]
     pub services: BTreeMap<String, ServiceConfig>,
+    /// Several instances on NATS JetStream; absent, each instance reads the change log.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: one instance (the holder of an advisory lock) reads the change log and
+/// appends it to a JetStream stream; every instance delivers from that stream.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URLs, one or a list (`QUILL_NATS_URL` overrides, comma-separated);
+    /// `tls://` for TLS.
+    #[serde(deserialize_with = "one_or_many")]
+    pub nats_url: Vec<String>,
+    /// NATS credentials: a user and password, or a token (`QUILL_NATS_PASSWORD`,
+    /// `QUILL_NATS_TOKEN` override).
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The stream (default `quill_<database>`) and the subject its changes go to (default
+    /// `quill.<database>.changes`): one of each per database.
+    #[serde(default)]
+    pub stream: Option<String>,
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// Stream replicas (1 on a single NATS server; 3 on a NATS cluster).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// How long the stream keeps changes (default one hour). Clients resume from the
+    /// change log, so this only bounds how long an instance may be cut off from NATS and
+    /// still continue without making its subscribers reload.
+    #[serde(default = "default_stream_max_age")]
+    pub max_age_seconds: u64,
+    /// The most the stream may hold on the NATS server (default 1 GiB).
+    #[serde(default = "default_stream_max_bytes")]
+    pub max_bytes: i64,
+    /// An instance this many changes behind the stream cuts its subscribers off (close
+    /// code 4008, resume with `since`), so that they resume on an instance that keeps up.
+    #[serde(default = "default_max_lag")]
+    pub max_lag: u64,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(de)? {
+        OneOrMany::One(url) => vec![url],
+        OneOrMany::Many(urls) => urls,
+    })
+}
+
+fn default_replicas() -> usize {
+    1
+}
+fn default_stream_max_age() -> u64 {
+    3600
+}
+fn default_stream_max_bytes() -> i64 {
+    1 << 30
+}
+fn default_max_lag() -> u64 {
+    100_000
+}
+
+impl ClusterConfig {
+    /// A cluster on this NATS server, every other setting at its default.
+    pub fn new(nats_url: impl Into<String>) -> Self {
+        Self::new_many(vec![nats_url.into()])
+    }
+
+    /// A cluster on these NATS servers, every other setting at its default.
+    pub fn new_many(nats_url: Vec<String>) -> Self {
+        Self {
+            nats_url,
+            user: None,
+            password: None,
+            token: None,
+            stream: None,
+            subject: None,
+            replicas: default_replicas(),
+            max_age_seconds: default_stream_max_age(),
+            max_bytes: default_stream_max_bytes(),
+            max_lag: default_max_lag(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |why: &str| Err(ConfigError::Invalid(format!("cluster: {why}")));
+        if self.nats_url.is_empty() || self.nats_url.iter().any(|u| u.trim().is_empty()) {
+            return invalid("nats_url must name at least one server");
+        }
+        if self.token.is_some() && (self.user.is_some() || self.password.is_some()) {
+            return invalid("give a token or a user and password, not both");
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return invalid("user and password go together");
+        }
+        if let Some(stream) = &self.stream
+            && (stream.is_empty()
+                || !stream
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        {
+            return invalid("stream may hold only letters, digits, '_' and '-'");
+        }
+        if let Some(subject) = &self.subject
+            && (subject
+                .split('.')
+                .any(|token| token.is_empty() || token.contains(['*', '>']) || token.chars().any(char::is_whitespace)))
+        {
+            return invalid("subject must be dot-separated tokens without wildcards or spaces");
+        }
+        if self.replicas == 0 || self.replicas > 5 {
+            return invalid("replicas must be 1 to 5");
+        }
+        if self.max_age_seconds == 0 || self.max_bytes < 1 << 20 || self.max_lag == 0 {
+            return invalid("max_age_seconds and max_lag must be at least 1, max_bytes at least 1 MiB");
+        }
+        Ok(())
+    }
 }
 
 /// Change-log retention. A change is deleted once it is older than `max_age_seconds` or
@@ -540,6 +667,7 @@ impl Default for Config {
             authentication: None,
             demo_tables: false,
             services: BTreeMap::new(),
+            cluster: None,
         }
     }
 }
@@ -578,6 +706,9 @@ impl Config {
     /// Checks what can be checked without a database. Table and column names are checked
     /// against the catalog at start-up.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+        }
         if self.outgoing_queue == 0 {
             return Err(ConfigError::Invalid("outgoing_queue must be at least 1".into()));
         }

@@ -15,10 +15,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::change::monitor::run_monitor;
 use crate::change::retention::run_pruner;
-use crate::change::{ChangeError, LogReader, Wakeups, run_listener};
+use crate::change::{ChangeError, ChangeSource, LogReader, Wakeups, run_listener};
 use crate::channel::{EventFilter, Publisher};
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::jetstream::publisher::Candidate;
+use crate::jetstream::{Cluster, StreamName, StreamSource, run_candidate};
 use crate::metrics::Metrics;
 use crate::pg_tls::DbTls;
 use crate::pipeline;
@@ -46,6 +48,8 @@ pub enum GatewayError {
     Config(String),
     #[error(transparent)]
     Tls(#[from] crate::pg_tls::TlsError),
+    #[error(transparent)]
+    Cluster(#[from] crate::jetstream::StreamError),
 }
 
 /// Connects a pool and runs the migrations (the demo tables too when configured).
@@ -114,6 +118,34 @@ impl Extensions {
     }
 }
 
+/// Spawns the pipeline from `source`, which starts after tick `position`.
+#[allow(clippy::too_many_arguments)]
+fn start_delivery<S: ChangeSource + 'static>(
+    source: S,
+    position: i64,
+    services: &Arc<Services>,
+    hub: &Arc<Hub>,
+    metrics: &Arc<Metrics>,
+    config: &Config,
+    tracker: &TaskTracker,
+    token: &CancellationToken,
+) {
+    metrics.delivered_tick.set(position);
+    // Resumes replay up to the tick live delivery starts from.
+    hub.begin_tick(position);
+    // Everything before the start was delivered (by an earlier run): `sync` need not wait.
+    hub.end_ticks_through(position);
+    metrics.reader_up.set(1);
+    tracker.spawn(pipeline::deliver(
+        source,
+        services.clone(),
+        hub.clone(),
+        metrics.clone(),
+        config.slow_consumer_timeout(),
+        token.clone(),
+    ));
+}
+
 /// Runs quill on `listener` until `shutdown` resolves.
 pub async fn run(
     config: Config,
@@ -146,7 +178,6 @@ pub async fn run_with(
         changes: Arc::new(Notify::new()),
         schema: services.schema_changed(),
     };
-    tracker.spawn(run_listener(database_url, wake.clone(), metrics.clone(), token.clone()));
     tracker.spawn(watch_schema(
         services.clone(),
         wake.schema.clone(),
@@ -154,23 +185,37 @@ pub async fn run_with(
         metrics.clone(),
         token.clone(),
     ));
-    let reader = LogReader::start(pool.clone(), wake.changes, config.poll_interval(), metrics.clone()).await?;
-    metrics.delivered_tick.set(reader.position());
-    // Resumes replay up to the tick live delivery starts from.
-    hub.begin_tick(reader.position());
-    // Everything before the start was delivered (by an earlier run): `sync` need not wait.
-    hub.end_ticks_through(reader.position());
-    metrics.reader_up.set(1);
-    tracker.spawn(pipeline::deliver(
-        reader,
-        services.clone(),
-        hub.clone(),
-        metrics.clone(),
-        config.slow_consumer_timeout(),
-        token.clone(),
-    ));
-    tracker.spawn(run_pruner(pool.clone(), config.retention, token.clone()));
-    tracker.spawn(run_monitor(pool.clone(), metrics.clone(), token.clone()));
+    match &config.cluster {
+        None => {
+            tracker.spawn(run_listener(database_url, wake.clone(), metrics.clone(), token.clone()));
+            let reader = LogReader::start(pool.clone(), wake.changes, config.poll_interval(), metrics.clone()).await?;
+            let position = reader.position();
+            start_delivery(reader, position, &services, &hub, &metrics, &config, &tracker, &token);
+            tracker.spawn(run_pruner(pool.clone(), config.retention, token.clone()));
+            tracker.spawn(run_monitor(pool.clone(), metrics.clone(), token.clone()));
+        }
+        Some(cluster_config) => {
+            let database: String = sqlx::query_scalar("SELECT current_database()")
+                .fetch_one(&pool)
+                .await
+                .map_err(GatewayError::Connect)?;
+            let name = StreamName::of(cluster_config, &database);
+            let cluster = Cluster::connect(cluster_config, name, metrics.clone()).await?;
+            tracker.spawn(run_candidate(Candidate {
+                pool: pool.clone(),
+                database_url,
+                cluster: cluster.clone(),
+                wake,
+                poll: config.poll_interval(),
+                retention: config.retention,
+                metrics: metrics.clone(),
+                shutdown: token.clone(),
+            }));
+            let source = StreamSource::start(cluster, pool.clone(), metrics.clone(), cluster_config.max_lag).await?;
+            let position = source.position();
+            start_delivery(source, position, &services, &hub, &metrics, &config, &tracker, &token);
+        }
+    }
 
     let state = AppState {
         services,
@@ -188,6 +233,7 @@ pub async fn run_with(
                 .min(config.pool_size.saturating_sub(1) as usize)
                 .max(1),
         )),
+        clustered: config.cluster.is_some(),
         shutdown: token.clone(),
     };
     let app = router(state);

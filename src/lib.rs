@@ -16,6 +16,10 @@
 //!                                           transport/ws  session → socket
 //! ```
 //!
+//! With `[cluster]`, [`jetstream`] sits between the two halves of the change side: one
+//! instance's log reader appends to a NATS JetStream stream, and every instance's pipeline
+//! reads that stream instead of the log.
+//!
 //! [`gateway::run`] wires it together; [`cluster`] starts a private Postgres for the demo
 //! and for tests.
 
@@ -31,6 +35,7 @@ pub mod event;
 pub mod fuzzing;
 pub mod gateway;
 pub mod hub;
+pub mod jetstream;
 pub mod metrics;
 pub mod pg_tls;
 pub mod pipeline;

@@ -142,7 +142,31 @@ fn load_config(opts: &Options) -> anyhow::Result<Config> {
     if let Some(url) = &opts.database_url {
         config.database_url = Some(url.clone());
     }
+    apply_nats_env(&mut config)?;
     Ok(config)
+}
+
+/// `QUILL_NATS_URL` (comma-separated) turns the cluster on or points it elsewhere; the
+/// secrets may come from the environment instead of the file.
+fn apply_nats_env(config: &mut Config) -> anyhow::Result<()> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if let Some(urls) = var("QUILL_NATS_URL") {
+        let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+        match &mut config.cluster {
+            Some(cluster) => cluster.nats_url = urls,
+            None => config.cluster = Some(quill::config::ClusterConfig::new_many(urls)),
+        }
+    }
+    if let Some(cluster) = &mut config.cluster {
+        if let Some(password) = var("QUILL_NATS_PASSWORD") {
+            cluster.password = Some(password);
+        }
+        if let Some(token) = var("QUILL_NATS_TOKEN") {
+            cluster.token = Some(token);
+        }
+    }
+    config.validate().context("QUILL_NATS_* settings")?;
+    Ok(())
 }
 
 /// The database URL, starting the private cluster when none is configured.

@@ -54,6 +54,16 @@ pub struct Metrics {
     pub schema_checks: Counter,
     /// Services whose table no longer fits their configuration (their calls fail with 503).
     pub services_misfit: Gauge,
+    /// `[cluster]`: 1 while this instance publishes the change log to the stream.
+    pub cluster_publisher: Gauge,
+    /// `[cluster]`: 1 while connected to NATS.
+    pub nats_connected: Gauge,
+    /// `[cluster]`: changes this instance appended to the stream.
+    pub cluster_published: Counter,
+    /// `[cluster]`: appends refused because another publisher appended first.
+    pub cluster_fenced: Counter,
+    /// `[cluster]`: messages in the stream this instance has yet to deliver.
+    pub cluster_stream_pending: Gauge,
 }
 
 impl Default for Metrics {
@@ -82,6 +92,11 @@ impl Default for Metrics {
             last_gap_unix: Gauge::default(),
             schema_checks: Counter::default(),
             services_misfit: Gauge::default(),
+            cluster_publisher: Gauge::default(),
+            nats_connected: Gauge::default(),
+            cluster_published: Counter::default(),
+            cluster_fenced: Counter::default(),
+            cluster_stream_pending: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -185,6 +200,27 @@ impl Default for Metrics {
             "services_misfit",
             "Services whose table no longer fits their configuration",
             m.services_misfit.clone(),
+        );
+        registry.register(
+            "cluster_publisher",
+            "1 while this instance publishes the change log to the cluster's stream",
+            m.cluster_publisher.clone(),
+        );
+        registry.register("nats_connected", "1 while connected to NATS", m.nats_connected.clone());
+        registry.register(
+            "cluster_published",
+            "Changes this instance appended to the cluster's stream",
+            m.cluster_published.clone(),
+        );
+        registry.register(
+            "cluster_fenced",
+            "Appends refused because another publisher appended first",
+            m.cluster_fenced.clone(),
+        );
+        registry.register(
+            "cluster_stream_pending",
+            "Messages in the cluster's stream this instance has yet to deliver",
+            m.cluster_stream_pending.clone(),
         );
         Metrics { registry, ..m }
     }

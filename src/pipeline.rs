@@ -25,6 +25,7 @@ pub async fn deliver<S: ChangeSource>(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut behind = false;
     loop {
         let batch = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -44,16 +45,24 @@ pub async fn deliver<S: ChangeSource>(
                 if let Some(last) = changes.last() {
                     metrics.delivered_tick.set(last.tick);
                 }
+                // Once, when it starts: those who resume here meanwhile may stay.
+                if source.too_far_behind() && !behind {
+                    hub.cut_off_subscribers(
+                        Cutoff::SlowConsumer,
+                        "this instance fell behind the cluster: resume with since on another",
+                    );
+                }
+                behind = source.too_far_behind();
             }
             Err(ChangeError::Gap { after_tick }) => {
                 // Nobody can be told exactly what they missed: every subscriber reloads.
-                tracing::error!(
-                    after_tick,
-                    "the change log was pruned past the reader: events were lost"
-                );
+                tracing::error!(after_tick, "the change source skipped changes: events were lost");
                 metrics.change_log_gaps.inc();
                 metrics.last_gap_unix.set(unix_now());
                 hub.cut_off_subscribers(Cutoff::Reload, "events were lost: reload, then subscribe again");
+                // Resumes read what live delivery skipped from the log.
+                hub.begin_tick(source.read_through());
+                hub.end_ticks_through(source.read_through());
             }
             Err(e) => {
                 metrics.reader_up.set(0);

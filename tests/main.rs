@@ -5,6 +5,7 @@ mod support;
 mod auth;
 mod change_feed;
 mod channels;
+mod cluster;
 mod db_tls;
 mod events;
 mod external_tokens;

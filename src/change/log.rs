@@ -136,6 +136,18 @@ impl TickCursor {
     }
 }
 
+/// The newest tick (0 before the first).
+pub async fn newest_tick(pool: &PgPool) -> Result<i64, ChangeError> {
+    Ok(sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM quill.tick")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// The change with `seq`, delivered in `tick`; `None` once pruned.
+pub async fn fetch_change(pool: &PgPool, tick: i64, seq: i64) -> Result<Option<Change>, ChangeError> {
+    Ok(fetch(pool, tick, &[seq]).await?.pop())
+}
+
 /// Loads the changes with these seqs, in seq order.
 async fn fetch(pool: &PgPool, tick: i64, seqs: &[i64]) -> Result<Vec<Change>, ChangeError> {
     type Row = (i64, String, String, String, Json<Value>, Option<Json<Value>>, i64);
@@ -240,9 +252,22 @@ impl LogReader {
         poll: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ChangeError> {
-        let last_tick: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM quill.tick")
-            .fetch_one(&pool)
-            .await?;
+        Self::start_after(pool, wake, poll, metrics, None).await
+    }
+
+    /// Starts after `tick` (when given; else at the newest tick): a cluster publisher takes
+    /// over where the stream ends.
+    pub async fn start_after(
+        pool: PgPool,
+        wake: Arc<Notify>,
+        poll: Duration,
+        metrics: Arc<Metrics>,
+        tick: Option<i64>,
+    ) -> Result<Self, ChangeError> {
+        let last_tick = match tick {
+            Some(tick) => tick,
+            None => newest_tick(&pool).await?,
+        };
         let mut key = [0u8; 4];
         getrandom::fill(&mut key).map_err(|_| ChangeError::Random)?;
         let mut reader = Self {

@@ -16,8 +16,8 @@ use serde_json::Value;
 
 pub use listener::{Wakeups, run_listener};
 pub use log::{
-    LogReader, Replay, ResumeError, SnapshotPoint, TxDelivery, TxidError, last_seq_of_tick, locate, newest_seq,
-    snapshot_point, tx_delivery,
+    LogReader, Replay, ResumeError, SnapshotPoint, TxDelivery, TxidError, fetch_change, last_seq_of_tick, locate,
+    newest_seq, newest_tick, snapshot_point, tx_delivery,
 };
 
 use crate::event::EventKind;
@@ -49,6 +49,9 @@ pub enum ChangeError {
     UnknownKind(String),
     #[error("no randomness for the reader's key")]
     Random,
+    /// The stream that carries changes between instances failed.
+    #[error("the cluster's change stream failed: {0}")]
+    Stream(String),
     /// Changes after `after_tick` were pruned before this reader read them: they are lost
     /// to it. The reader has moved on past the gap; subscribers must reload.
     #[error("the change log was pruned past this reader's position (tick {after_tick}): events were lost")]
@@ -75,4 +78,10 @@ pub trait ChangeSource: Send {
 
     /// The tick through which every change has been returned.
     fn read_through(&self) -> i64;
+
+    /// Whether this source has fallen so far behind that its subscribers should resume
+    /// elsewhere (a stream other instances read too).
+    fn too_far_behind(&self) -> bool {
+        false
+    }
 }

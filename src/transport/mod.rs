@@ -46,6 +46,8 @@ pub struct AppState {
     pub connections: Arc<ConnectionLimiter>,
     /// Turns for snapshot reads (`limits.snapshots_in_flight`).
     pub snapshots: Arc<tokio::sync::Semaphore>,
+    /// `[cluster]`: events come from NATS, and only the publisher listens.
+    pub clustered: bool,
     pub shutdown: CancellationToken,
 }
 
@@ -79,8 +81,17 @@ async fn health() -> &'static str {
 
 /// Ready when the database answers, the LISTEN connection is up and the change reader
 /// reads without errors (after an outage it has caught up when this turns ready again).
+/// In a cluster: NATS instead of LISTEN on every instance but the publisher.
 async fn ready(State(state): State<AppState>) -> Response {
-    let listening = state.metrics.listener_connected.get() == 1;
+    let m = &state.metrics;
+    let listening = m.listener_connected.get() == 1 || (state.clustered && m.cluster_publisher.get() == 0);
+    if state.clustered && m.nats_connected.get() != 1 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: NATS unreachable (calls work; events resume when it is back)",
+        )
+            .into_response();
+    }
     let reading = state.metrics.reader_up.get() == 1;
     let probe = sqlx::query("SELECT 1").execute(state.services.pool());
     let database = tokio::time::timeout(std::time::Duration::from_secs(2), probe)

@@ -4,6 +4,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod nats;
 pub mod node;
 pub mod pg;
 pub mod ws;
