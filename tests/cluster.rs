@@ -428,3 +428,52 @@ async fn a_lost_stream_makes_subscribers_reload_and_resume_stays_exact() {
         .collect();
     assert_eq!(texts, vec!["after".to_owned()]);
 }
+
+#[tokio::test]
+async fn an_instance_far_behind_the_stream_says_so() {
+    use quill::change::ChangeSource;
+    use quill::jetstream::publisher::Appender;
+    use quill::jetstream::{Cluster, StreamName, StreamSource};
+
+    let nats = Nats::start().await;
+    let db = TestDb::create().await;
+    let pool = PgPool::connect(&db.url).await.expect("connect");
+    quill::gateway::migrate(&pool, false).await.expect("migrate");
+    let config = ClusterConfig::new(nats.url());
+    let metrics = std::sync::Arc::new(quill::metrics::Metrics::default());
+    let name = StreamName::of(&config, &db.name);
+    let cluster = Cluster::connect(&config, name, metrics.clone()).await.expect("connect");
+    // 100 changes in the stream before this instance reads any (ticks after its start).
+    let (mut appender, _) = Appender::at_end(&cluster, &metrics).await.expect("appender");
+    let changes: Vec<quill::change::Change> = (1..=100)
+        .map(|seq| quill::change::Change {
+            seq,
+            tick: 1_000 + seq,
+            table_schema: "public".into(),
+            table_name: "messages".into(),
+            kind: quill::EventKind::Created,
+            row: json!({"id": seq}),
+            old: None,
+            written_us: None,
+        })
+        .collect();
+    appender.append(&changes, 1_100).await.expect("append");
+    let mut source = StreamSource::start(cluster.clone(), pool, metrics.clone(), 10)
+        .await
+        .expect("source");
+    let mut read = 0;
+    let batch = source.next_batch().await.expect("a batch");
+    read += batch.len();
+    assert!(source.too_far_behind(), "99 messages behind, max_lag 10");
+    while read < 100 {
+        read += source.next_batch().await.expect("a batch").len();
+    }
+    // One more, read as it comes: caught up.
+    let mut one = changes[99].clone();
+    one.seq = 101;
+    one.tick = 1_101;
+    appender.append(&[one], 1_101).await.expect("append");
+    assert_eq!(source.next_batch().await.expect("a batch").len(), 1);
+    assert!(!source.too_far_behind(), "caught up, yet still behind");
+    assert_eq!(source.read_through(), 1_101);
+}

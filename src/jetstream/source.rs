@@ -47,7 +47,7 @@ pub struct StreamSource {
     history_through: i64,
     started_at: SystemTime,
     read_through: i64,
-    /// Messages in the stream after the last one taken.
+    /// The most messages the stream held beyond one taken in the last batch.
     behind: u64,
     max_lag: u64,
     connects: tokio::sync::watch::Receiver<u64>,
@@ -127,7 +127,7 @@ impl StreamSource {
     ) -> Result<bool, ChangeError> {
         let info = message.info().map_err(|e| stream_failed(e.to_string()))?;
         let sequence = info.stream_sequence;
-        self.behind = info.pending;
+        self.behind = self.behind.max(info.pending);
         self.metrics
             .cluster_stream_pending
             .set(i64::try_from(info.pending).unwrap_or(i64::MAX));
@@ -349,6 +349,8 @@ impl ChangeSource for StreamSource {
         loop {
             let mut batch = Vec::new();
             let mut ended = false;
+            // How far behind the batch started.
+            self.behind = 0;
             if let Some(held) = self.held.take() {
                 ended = self.take(held, &mut batch).await?;
             }
