@@ -41,7 +41,7 @@ struct BenchArgs {
     )]
     database_url: String,
     /// Scenarios to run (latency, fanout, supabase, targeted, write, connections, isolation,
-    /// capture, replica); all by default.
+    /// capture, replica, cluster); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Seconds per measured phase.

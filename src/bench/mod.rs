@@ -29,7 +29,7 @@ pub struct BenchOptions {
     /// Admin URL of the PostgreSQL server; the bench creates its own `quill_bench` database.
     pub admin_url: String,
     /// Scenarios to run (latency, fanout, supabase, targeted, write, connections, isolation,
-    /// capture, replica); empty = all.
+    /// capture, replica, cluster); empty = all.
     pub only: Vec<String>,
     /// Seconds per measured phase.
     pub seconds: u64,
@@ -97,6 +97,9 @@ pub async fn run(options: BenchOptions) -> Result<Vec<Row>, BenchError> {
     }
     if options.wants("replica") {
         rows.extend(scenarios::replica(&options).await?);
+    }
+    if options.wants("cluster") {
+        rows.extend(scenarios::cluster(&options).await?);
     }
     report::print_table(&rows);
     Ok(rows)

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::{self, Protocol, Received, Socket, stamp};
 use super::report::{Row, round};
-use super::server::{Server, Steal, config};
+use super::server::{Nats, Server, Steal, config};
 use super::{BenchError, BenchOptions};
 
 /// How long receivers keep reading after the writers stop.
@@ -667,4 +667,117 @@ pub(super) async fn replica(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
     );
     server.stop().await;
     Ok(rows)
+}
+
+/// Four instances on one database, subscribers on three of them, a SQL writer at `rate`:
+/// first on NATS JetStream (the fourth is the publisher), then each reading the log itself.
+pub(super) async fn cluster(options: &BenchOptions) -> Result<Vec<Row>, BenchError> {
+    let mut rows = Vec::new();
+    for clustered in [true, false] {
+        rows.push(cluster_phase(options, clustered).await?);
+    }
+    Ok(rows)
+}
+
+async fn cluster_phase(options: &BenchOptions, clustered: bool) -> Result<Row, BenchError> {
+    let nats = match clustered {
+        true => Some(Nats::start().await?),
+        false => None,
+    };
+    let mut config = config(r#"["authenticated"]"#);
+    if let Some(nats) = &nats {
+        config.push_str(&format!("\n[cluster]\nnats_url = \"{}\"\n", nats.url));
+    }
+    let first = Server::start(options, &config).await?;
+    if clustered {
+        let start = Instant::now();
+        while !first.metrics().await.contains("quill_cluster_publisher 1") {
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err(BenchError("the first instance never became the publisher".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut edges = Vec::new();
+    for _ in 0..3 {
+        edges.push(Server::join(options, &config).await?);
+    }
+    let per_edge = options.subscribers.div_ceil(3).max(1);
+    let ids = first.users(per_edge * 3).await?;
+    let tokens: Vec<String> = ids.iter().map(|id| Server::token(*id)).collect();
+    let stop = CancellationToken::new();
+    let mut sets = Vec::new();
+    for (i, edge) in edges.iter().enumerate() {
+        let mine = &tokens[i * per_edge..(i + 1) * per_edge];
+        sets.push(subscribers(edge, mine, per_edge, per_edge, &stop).await?);
+    }
+    let sql = pool(&first, 1).await?;
+    let cpu_before: Vec<f64> = std::iter::once(&first).chain(&edges).map(Server::cpu_seconds).collect();
+    let transactions_before = database_transactions(&sql).await?;
+    let steal = Steal::start();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(options.rate.max(1))));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < options.phase() {
+        tick.tick().await;
+        let written = sqlx::query("INSERT INTO messages (text) VALUES ($1)")
+            .bind(stamp())
+            .execute(&sql)
+            .await
+            .is_ok();
+        sent += u64::from(written);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    // PostgreSQL publishes a backend's counts at most once a second.
+    tokio::time::sleep(DRAIN).await;
+    let transactions = database_transactions(&sql).await? - transactions_before;
+    stop.cancel();
+    let mut events = 0;
+    let mut latencies = Vec::new();
+    for set in sets {
+        let (n, mut l) = collect(set).await;
+        events += n;
+        latencies.append(&mut l);
+    }
+    let cpu: Vec<f64> = std::iter::once(&first)
+        .chain(&edges)
+        .zip(&cpu_before)
+        .map(|(server, before)| round(server.cpu_seconds() - before, 2))
+        .collect();
+    // Everything but the writer's own inserts (and the two counting queries).
+    let quill_transactions = (transactions - sent as i64 - 2).max(0) as f64 / (elapsed + DRAIN.as_secs_f64());
+    let expected = sent * (per_edge * 3) as u64;
+    let row = Row::new(if clustered {
+        "cluster/stream"
+    } else {
+        "cluster/4-readers"
+    })
+    .with("instances", 4)
+    .with("subscribers", per_edge * 3)
+    .with("rate_per_s", options.rate)
+    .with("writes", sent)
+    .with("delivered_per_s", round(events as f64 / elapsed, 0))
+    .with("delivered_share", round(events as f64 / expected.max(1) as f64, 4))
+    .with("quill_db_tx_per_s", round(quill_transactions, 1))
+    .with("cpu_s_first", cpu[0])
+    .with("cpu_s_edges", round(cpu[1..].iter().sum::<f64>(), 2))
+    .latencies(&mut latencies)
+    .steal(&steal)
+    .emit();
+    for server in edges {
+        server.stop().await;
+    }
+    first.stop().await;
+    Ok(row)
+}
+
+/// Transactions committed or rolled back in the bench database so far.
+async fn database_transactions(sql: &PgPool) -> Result<i64, BenchError> {
+    sqlx::query_scalar(
+        "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(sql)
+    .await
+    .map_err(|e| BenchError::new("reading pg_stat_database", e))
 }

@@ -73,9 +73,18 @@ impl Server {
     /// Creates a fresh bench database and starts `quill serve` on it. The port is picked
     /// free, but a client socket can take it before quill binds it: then try another.
     pub(super) async fn start(options: &BenchOptions, config: &str) -> Result<Server, BenchError> {
+        Self::start_retrying(options, config, true).await
+    }
+
+    /// Another instance on the bench database the first one made.
+    pub(super) async fn join(options: &BenchOptions, config: &str) -> Result<Server, BenchError> {
+        Self::start_retrying(options, config, false).await
+    }
+
+    async fn start_retrying(options: &BenchOptions, config: &str, fresh: bool) -> Result<Server, BenchError> {
         let mut last = BenchError("quill did not start".into());
         for _ in 0..3 {
-            match Self::start_once(options, config).await {
+            match Self::start_once(options, config, fresh).await {
                 Ok(server) => return Ok(server),
                 Err(e) => last = e,
             }
@@ -83,18 +92,20 @@ impl Server {
         Err(last)
     }
 
-    async fn start_once(options: &BenchOptions, config: &str) -> Result<Server, BenchError> {
-        let mut admin = PgConnection::connect(&options.admin_url)
-            .await
-            .map_err(|e| BenchError::new("connecting to PostgreSQL", e))?;
-        for statement in [
-            format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"),
-            format!("CREATE DATABASE {DATABASE}"),
-        ] {
-            sqlx::query(sqlx::AssertSqlSafe(statement))
-                .execute(&mut admin)
+    async fn start_once(options: &BenchOptions, config: &str, fresh: bool) -> Result<Server, BenchError> {
+        if fresh {
+            let mut admin = PgConnection::connect(&options.admin_url)
                 .await
-                .map_err(|e| BenchError::new("creating the bench database", e))?;
+                .map_err(|e| BenchError::new("connecting to PostgreSQL", e))?;
+            for statement in [
+                format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"),
+                format!("CREATE DATABASE {DATABASE}"),
+            ] {
+                sqlx::query(sqlx::AssertSqlSafe(statement))
+                    .execute(&mut admin)
+                    .await
+                    .map_err(|e| BenchError::new("creating the bench database", e))?;
+            }
         }
         let db_url = match options.admin_url.rsplit_once('/') {
             Some((base, _)) => format!("{base}/{DATABASE}"),
@@ -212,10 +223,66 @@ impl Server {
         (field("VmRSS:"), field("VmHWM:"))
     }
 
+    /// The Prometheus text of its `/metrics`.
+    pub(super) async fn metrics(&self) -> String {
+        match reqwest::get(format!("{}/metrics", self.base)).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
     pub(super) async fn stop(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
         self.db.close().await;
+    }
+}
+
+/// A `nats-server` with JetStream of the bench's own (the `cluster` scenario).
+pub(super) struct Nats {
+    _child: Child,
+    pub(super) url: String,
+    dir: std::path::PathBuf,
+}
+
+impl Nats {
+    pub(super) async fn start() -> Result<Nats, BenchError> {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| BenchError::new("finding a free port", e))?;
+        let dir = std::env::temp_dir().join(format!("quill-bench-nats-{}-{port}", std::process::id()));
+        let binary = if std::path::Path::new("/usr/sbin/nats-server").exists() {
+            "/usr/sbin/nats-server"
+        } else {
+            "nats-server"
+        };
+        let child = Command::new(binary)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| BenchError::new("starting nats-server (install the nats-server package)", e))?;
+        let start = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err(BenchError("nats-server did not start".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Nats {
+            _child: child,
+            url: format!("nats://127.0.0.1:{port}"),
+            dir,
+        })
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
