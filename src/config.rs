@@ -791,6 +791,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cluster_takes_one_url_or_a_list_and_checks_its_settings() {
+        let one = Config::from_toml("[cluster]\nnats_url = \"nats://a:4222\"").expect("one url");
+        let cluster = one.cluster.expect("cluster");
+        assert_eq!(cluster.nats_url, vec!["nats://a:4222"]);
+        assert_eq!(
+            (cluster.replicas, cluster.max_age_seconds, cluster.max_lag),
+            (1, 3600, 100_000)
+        );
+        let many = Config::from_toml("[cluster]\nnats_url = [\"nats://a:4222\", \"nats://b:4222\"]").expect("a list");
+        assert_eq!(many.cluster.expect("cluster").nats_url.len(), 2);
+        for bad in [
+            "nats_url = []",
+            "nats_url = \"nats://a\"\ntoken = \"t\"\nuser = \"u\"\npassword = \"p\"",
+            "nats_url = \"nats://a\"\nuser = \"u\"",
+            "nats_url = \"nats://a\"\nstream = \"a.b\"",
+            "nats_url = \"nats://a\"\nsubject = \"quill.*\"",
+            "nats_url = \"nats://a\"\nreplicas = 0",
+            "nats_url = \"nats://a\"\nmax_bytes = 10",
+            "nats_url = \"nats://a\"\nsurprise = 1",
+        ] {
+            assert!(
+                Config::from_toml(&format!("[cluster]\n{bad}")).is_err(),
+                "accepted: {bad}"
+            );
+        }
+        assert!(
+            Config::default().cluster.is_none(),
+            "no [cluster]: one instance as before"
+        );
+    }
+
+    #[test]
     fn parses_a_service_with_every_option() {
         let c = Config::from_toml(
             r#"

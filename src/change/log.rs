@@ -240,6 +240,8 @@ pub struct LogReader {
     last_look: Instant,
     presence: Presence,
     registration: Registration,
+    /// Set by a cluster publisher: the log is kept from here on (see [`Self::keep_from`]).
+    keep_from: Option<i64>,
     metrics: Arc<Metrics>,
 }
 
@@ -284,6 +286,7 @@ impl LogReader {
                 reported: last_tick,
                 at: Instant::now(),
             },
+            keep_from: tick,
             metrics,
         };
         // Registered before the first read, so that no pruner passes it from the start.
@@ -296,7 +299,11 @@ impl LogReader {
     /// once on a new session (whose lock marks the reader alive), else at most every
     /// [`REPORT_EVERY`] while it moves.
     async fn report(&mut self) -> Result<(), sqlx::Error> {
-        let through = self.cursor.read_through();
+        // A cluster publisher's floor is what the stream holds, not what it has read.
+        let through = match self.keep_from {
+            Some(kept) => kept.min(self.cursor.read_through()),
+            None => self.cursor.read_through(),
+        };
         let generation = self.presence.generation();
         let new_session = self.registration.generation != Some(generation);
         let due = through != self.registration.reported && self.registration.at.elapsed() >= REPORT_EVERY;
@@ -332,6 +339,12 @@ impl LogReader {
 }
 
 impl LogReader {
+    /// Keeps the log after `tick` from the pruner even though this reader has read further:
+    /// a cluster publisher says so once the stream holds everything through `tick`.
+    pub fn keep_from(&mut self, tick: i64) {
+        self.keep_from = Some(tick);
+    }
+
     /// The newest tick this reader has queued (at start: the tick it starts after).
     pub fn position(&self) -> i64 {
         self.cursor.last_tick

@@ -180,7 +180,6 @@ impl Candidate {
                 self.metrics.clone(),
                 held.clone(),
             )),
-            tokio::spawn(run_pruner(self.pool.clone(), self.retention, held.clone())),
             tokio::spawn(run_monitor(self.pool.clone(), self.metrics.clone(), held.clone())),
         ];
         let mut backoff = Duration::from_millis(100);
@@ -223,6 +222,14 @@ impl Candidate {
             end.after_tick,
         )
         .await?;
+        // Until the stream has something, the log is kept from where it ends.
+        if let Some(after) = end.after_tick {
+            reader.keep_from(after);
+        }
+        // Only now: the reader's registration protects what the stream lacks.
+        let pruner = held.child_token();
+        let _stop_pruner = pruner.clone().drop_guard();
+        tokio::spawn(run_pruner(self.pool.clone(), self.retention, pruner));
         tracing::info!(last_sequence = end.last_sequence, after_tick = ?end.after_tick, "publishing from the stream's end");
         if end.after_tick.is_none() {
             appender.append_start(reader.read_through()).await?;
@@ -241,7 +248,11 @@ impl Candidate {
                             partial = None;
                         }
                     }
-                    appender.append(&changes, reader.read_through()).await?;
+                    let through = reader.read_through();
+                    if !appender.append_until_done(held, &changes, through).await? {
+                        return Ok(());
+                    }
+                    reader.keep_from(through);
                 }
                 Err(ChangeError::Gap { after_tick }) => {
                     tracing::error!(
@@ -278,6 +289,32 @@ impl<'a> Appender<'a> {
             metrics,
         };
         Ok((appender, end))
+    }
+
+    /// [`Self::append`] until it succeeds: NATS may be down for long, the log is the buffer,
+    /// and the reader keeps it from the pruner meanwhile. False when `held` ended first; a
+    /// fenced append returns at once (the stream's end must be read again).
+    async fn append_until_done(
+        &mut self,
+        held: &CancellationToken,
+        changes: &[Change],
+        through: i64,
+    ) -> Result<bool, StreamError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.append(changes, through).await {
+                Ok(()) => return Ok(true),
+                Err(e @ StreamError::Fenced { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "appending to the stream failed");
+                }
+            }
+            tokio::select! {
+                _ = held.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
     }
 
     /// Appends the changes in order, the last one marked complete through `through`.
