@@ -477,3 +477,43 @@ async fn an_instance_far_behind_the_stream_says_so() {
     assert!(!source.too_far_behind(), "caught up, yet still behind");
     assert_eq!(source.read_through(), 1_101);
 }
+
+#[tokio::test]
+async fn a_stream_whose_messages_all_expired_is_taken_over_and_read() {
+    let nats = Nats::start().await;
+    let short = || {
+        let mut config = clustered(&nats);
+        if let Some(cluster) = &mut config.cluster {
+            cluster.max_age_seconds = 1;
+        }
+        config
+    };
+    let a = Quill::start_with(short()).await;
+    let sql = a.sql().await;
+    let mut ws = a.ws().await;
+    ws.subscribe("messages").await;
+    insert(&sql, "expires").await;
+    ws.next_event().await;
+    // Wait for the server to expire everything (the stream keeps its last sequence).
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let name = quill::jetstream::StreamName::of(&ClusterConfig::new(nats.url()), &a.db.name);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut stream = js.get_stream(&name.stream).await.expect("stream");
+        let state = stream.info().await.expect("info").state.clone();
+        if state.messages == 0 && state.last_sequence > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the stream never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A new publisher and a new reader start on the emptied stream.
+    let db = a.shutdown().await;
+    let b = Quill::start_on(db, short()).await;
+    wait_for_metric(&b, "quill_cluster_publisher", |v| v == 1).await;
+    let mut ws = b.ws().await;
+    ws.subscribe("messages").await;
+    insert(&sql, "after expiry").await;
+    assert_eq!(ws.next_event().await["data"]["text"], "after expiry");
+}

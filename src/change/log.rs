@@ -451,7 +451,8 @@ impl LogReader {
             Err(e) => return e.into(),
         };
         let after_tick = self.cursor.last_tick;
-        self.cursor = TickCursor::after(oldest.unwrap_or(0));
+        // Never backwards: that would deliver again what was delivered.
+        self.cursor = TickCursor::after(oldest.unwrap_or(0).max(after_tick));
         ChangeError::Gap { after_tick }
     }
 }

@@ -149,7 +149,8 @@ impl Cluster {
             num_replicas: self.config.replicas,
             max_age: Duration::from_secs(self.config.max_age_seconds),
             max_bytes: self.config.max_bytes,
-            duplicate_window: DUPLICATE_WINDOW,
+            // The server refuses a window longer than the stream keeps messages.
+            duplicate_window: DUPLICATE_WINDOW.min(Duration::from_secs(self.config.max_age_seconds)),
             ..Default::default()
         };
         self.jetstream

@@ -21,7 +21,7 @@ use super::wire::{self, SEQ, THROUGH, TICK};
 use super::{Cluster, StreamError};
 use crate::change::monitor::run_monitor;
 use crate::change::retention::run_pruner;
-use crate::change::{Change, ChangeError, ChangeSource, LogReader, Wakeups, run_listener};
+use crate::change::{self, Change, ChangeError, ChangeSource, LogReader, Wakeups, run_listener};
 use crate::config::Retention;
 use crate::metrics::Metrics;
 
@@ -80,6 +80,16 @@ async fn try_lock(pool: &PgPool) -> Result<Option<PgConnection>, sqlx::Error> {
         .fetch_one(&mut session)
         .await?;
     if locked {
+        // If this machine dies, PostgreSQL must notice in seconds, not in the hours of the
+        // OS's keepalive defaults: until then the lock stays taken and nobody publishes.
+        for setting in [
+            "SET tcp_keepalives_idle = 5",
+            "SET tcp_keepalives_interval = 2",
+            "SET tcp_keepalives_count = 3",
+            "SET tcp_user_timeout = 10000",
+        ] {
+            sqlx::query(setting).execute(&mut session).await?;
+        }
         Ok(Some(session))
     } else {
         let _ = session.close().await;
@@ -105,20 +115,27 @@ async fn watch_session(mut session: PgConnection, held: CancellationToken) {
     let _ = session.close().await;
 }
 
-/// Where the stream ends: the sequence to append after, and where the log reader resumes.
+/// Where the stream ends: the sequence and message to append after.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamEnd {
     /// Which incarnation of the stream (see [`wire::STREAM`]).
     pub stream_id: String,
     pub last_sequence: u64,
-    /// The last message's `Nats-Msg-Id`: the next append must follow exactly it.
+    /// The last message's `Nats-Msg-Id`.
     pub last_id: Option<String>,
-    /// Every change of ticks up to this one is in the stream (`None`: an empty stream, which
-    /// starts at the newest tick).
-    pub after_tick: Option<i64>,
-    /// The last appended change of a tick that is not complete in the stream: its tick's
-    /// changes up to this seq are in.
-    pub partial: Option<(i64, i64)>,
+    /// What the last message says of the log (`None`: the stream holds no quill message,
+    /// having none at all, only expired ones, or a stranger's at its end).
+    pub last: Option<LastAppended>,
+}
+
+/// The position in the log of the stream's last message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastAppended {
+    pub tick: i64,
+    /// Its change (absent on a start or gap record).
+    pub seq: Option<i64>,
+    /// Every change of ticks up to this one is in the stream (on a batch's last message).
+    pub through: Option<i64>,
 }
 
 impl StreamEnd {
@@ -130,40 +147,56 @@ impl StreamEnd {
         };
         let info = stream.info().await.map_err(|e| failed(&e))?;
         let last_sequence = info.state.last_sequence;
-        let stream_id = wire::stream_id(info.created);
-        if last_sequence == 0 {
-            return Ok(Self {
-                stream_id,
-                last_sequence,
-                last_id: None,
-                after_tick: None,
-                partial: None,
-            });
+        let mut end = Self {
+            stream_id: wire::stream_id(info.created),
+            last_sequence,
+            last_id: None,
+            last: None,
+        };
+        // A stream whose messages all expired keeps its sequence but holds nothing to read.
+        if info.state.messages == 0 {
+            return Ok(end);
         }
         let last = stream.get_raw_message(last_sequence).await.map_err(|e| failed(&e))?;
         let headers = Some(&last.headers);
-        let Some(tick) = wire::header(headers, TICK) else {
-            return Err(StreamError::Malformed {
-                sequence: last_sequence,
-                reason: "no tick header".into(),
-            });
+        end.last_id = wire::message_id(&last.headers);
+        end.last = wire::header(headers, TICK).map(|tick| LastAppended {
+            tick,
+            seq: wire::header(headers, SEQ),
+            through: wire::header(headers, THROUGH),
+        });
+        Ok(end)
+    }
+
+    /// Where the log reader resumes: after which tick, and the last appended change of a
+    /// tick the stream holds only part of. `(None, None)`: start at the newest tick, as on
+    /// a new stream (also when the stream is a stranger's: its ticks are past this
+    /// database's newest, as after the database was made again under the same name).
+    async fn resume_point(&self, pool: &PgPool) -> Result<(Option<i64>, Option<(i64, i64)>), ChangeError> {
+        let Some(last) = self.last else {
+            return Ok((None, None));
         };
-        let through = wire::header(headers, THROUGH);
-        let seq = wire::header(headers, SEQ);
-        Ok(Self {
-            stream_id,
-            last_sequence,
-            last_id: last
-                .headers
-                .get(async_nats::header::NATS_MESSAGE_ID)
-                .map(|id| id.as_str().to_owned()),
-            after_tick: Some(through.unwrap_or(tick - 1).max(tick - 1)),
-            partial: match (through, seq) {
-                (Some(through), _) if through >= tick => None,
-                (_, Some(seq)) => Some((tick, seq)),
-                _ => None,
-            },
-        })
+        let newest = change::newest_tick(pool).await?;
+        if last.tick > newest {
+            tracing::error!(
+                stream_tick = last.tick,
+                newest_tick = newest,
+                "the stream is ahead of this database (another database's stream?): starting afresh"
+            );
+            return Ok((None, None));
+        }
+        match (last.through, last.seq) {
+            (Some(through), _) if through >= last.tick => Ok((Some(through), None)),
+            (_, Some(seq)) => {
+                // Tick ids can skip (a rolled-back poll): the tick before is the one the log has.
+                let before: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM quill.tick WHERE id < $1")
+                    .bind(last.tick)
+                    .fetch_one(pool)
+                    .await?;
+                Ok((Some(before.unwrap_or(last.tick - 1)), Some((last.tick, seq))))
+            }
+            (through, None) => Ok((Some(through.unwrap_or(last.tick)), None)),
+        }
     }
 }
 
@@ -190,6 +223,11 @@ impl Candidate {
                 Err(PublishFailed::Stream(StreamError::Fenced { expected })) => {
                     self.metrics.cluster_fenced.inc();
                     tracing::warn!(expected, "another publisher appended: reading the stream's end again");
+                    tokio::select! {
+                        _ = held.cancelled() => {}
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "publishing the change log failed");
@@ -214,27 +252,32 @@ impl Candidate {
     /// or an append or read fails.
     async fn publish_from_stream_end(&self, held: &CancellationToken) -> Result<(), PublishFailed> {
         let (mut appender, end) = Appender::at_end(&self.cluster, &self.metrics).await?;
+        let (after_tick, partial) = end.resume_point(&self.pool).await?;
         let mut reader = LogReader::start_after(
             self.pool.clone(),
             self.wake.changes.clone(),
             self.poll,
             self.metrics.clone(),
-            end.after_tick,
+            after_tick,
         )
         .await?;
         // Until the stream has something, the log is kept from where it ends.
-        if let Some(after) = end.after_tick {
+        if let Some(after) = after_tick {
             reader.keep_from(after);
         }
         // Only now: the reader's registration protects what the stream lacks.
         let pruner = held.child_token();
         let _stop_pruner = pruner.clone().drop_guard();
         tokio::spawn(run_pruner(self.pool.clone(), self.retention, pruner));
-        tracing::info!(last_sequence = end.last_sequence, after_tick = ?end.after_tick, "publishing from the stream's end");
-        if end.after_tick.is_none() {
+        tracing::info!(
+            last_sequence = end.last_sequence,
+            ?after_tick,
+            "publishing from the stream's end"
+        );
+        if after_tick.is_none() {
             appender.append_start(reader.read_through()).await?;
         }
-        let mut partial = end.partial;
+        let mut partial = partial;
         loop {
             let batch = tokio::select! {
                 _ = held.cancelled() => return Ok(()),
@@ -318,19 +361,24 @@ impl<'a> Appender<'a> {
     }
 
     /// Appends the changes in order, the last one marked complete through `through`.
-    /// Pipelined: every publish is sent before the first ack is awaited, so each names the
-    /// message it must follow (by sequence and by id): once one is refused, every later one
-    /// is too, and what lands is always an exact continuation of the stream.
+    /// Pipelined: every publish is sent before the first ack is awaited, so each names what
+    /// it must follow: the first the stream's last sequence, every later one also the
+    /// previous message's id. Once one is refused every later one is too (by sequence alone
+    /// a later one could land after another publisher's), and what lands is always an exact
+    /// continuation of the stream.
     pub async fn append(&mut self, changes: &[Change], through: i64) -> Result<(), StreamError> {
         let max_payload = self.cluster.max_payload();
         let mut acks = Vec::with_capacity(changes.len());
-        let mut previous = self.last_id.clone();
+        let mut previous = None;
         for (i, change) in changes.iter().enumerate() {
             let last_of_batch = i + 1 == changes.len();
             let (headers, body) =
                 wire::change_message(change, last_of_batch.then_some(through), &self.stream_id, max_payload);
             let id = wire::message_id(&headers);
-            acks.push(self.send(headers, body, self.last + i as u64, previous.take()).await?);
+            // The first follows the stream's end by sequence alone: after a restart the
+            // server forgets the last id once it is older than the duplicate window.
+            let follows = if i == 0 { None } else { previous.take() };
+            acks.push(self.send(headers, body, self.last + i as u64, follows).await?);
             previous = id;
         }
         self.confirm(acks).await?;
@@ -342,7 +390,7 @@ impl<'a> Appender<'a> {
     async fn append_start(&mut self, through: i64) -> Result<(), StreamError> {
         let (headers, body) = wire::start_message(through, &self.stream_id);
         let id = wire::message_id(&headers);
-        let ack = self.send(headers, body, self.last, self.last_id.clone()).await?;
+        let ack = self.send(headers, body, self.last, None).await?;
         self.confirm(vec![ack]).await?;
         self.last_id = id;
         Ok(())
@@ -351,7 +399,7 @@ impl<'a> Appender<'a> {
     async fn append_gap(&mut self, after_tick: i64, through: i64) -> Result<(), StreamError> {
         let (headers, body) = wire::gap_message(after_tick, through, &self.stream_id);
         let id = wire::message_id(&headers);
-        let ack = self.send(headers, body, self.last, self.last_id.clone()).await?;
+        let ack = self.send(headers, body, self.last, None).await?;
         self.confirm(vec![ack]).await?;
         self.last_id = id;
         Ok(())

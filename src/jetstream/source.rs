@@ -103,7 +103,16 @@ impl StreamSource {
                 start_sequence: last + 1,
             },
             None if self.from_start => DeliverPolicy::All,
-            None => first_position(&stream, info.state.last_sequence, self.history_through, self.started_at).await?,
+            None => {
+                first_position(
+                    &stream,
+                    info.state.last_sequence,
+                    info.state.messages,
+                    self.history_through,
+                    self.started_at,
+                )
+                .await?
+            }
         };
         self.stream_id = Some(stream_id);
         let consumer = stream
@@ -162,9 +171,12 @@ impl StreamSource {
                 "the cluster's stream lost messages this instance had not read"
             );
             self.last = Some(sequence - 1);
-            return Err(ChangeError::Gap {
-                after_tick: self.read_through,
-            });
+            let after_tick = self.read_through;
+            // What was lost is before the next message's tick: resumes read it from the log.
+            if let Some(tick) = self.held.as_ref().and_then(|m| wire::header(m.headers.as_ref(), TICK)) {
+                self.read_through = self.read_through.max(tick.saturating_sub(1));
+            }
+            return Err(ChangeError::Gap { after_tick });
         }
         match self.read(&message, sequence, batch).await {
             Ok(end) => {
@@ -194,7 +206,9 @@ impl StreamSource {
         batch: &mut Vec<Change>,
     ) -> Result<bool, Unread> {
         let headers = message.headers.as_ref();
-        let tick = wire::header(headers, TICK).unwrap_or(i64::MIN);
+        let Some(tick) = wire::header(headers, TICK) else {
+            return Err(self.malformed(sequence, "no tick header"));
+        };
         if self.lost && !matches!(Record::decode(&message.payload), Ok(Record::Start { .. })) {
             self.lost = false;
             self.last = Some(sequence - 1);
@@ -243,7 +257,10 @@ impl StreamSource {
                 }
             }
         }
-        self.read_through = self.read_through.max(tick - 1).max(through.unwrap_or(i64::MIN));
+        self.read_through = self
+            .read_through
+            .max(tick.saturating_sub(1))
+            .max(through.unwrap_or(i64::MIN));
         Ok(through.is_some())
     }
 
@@ -298,11 +315,18 @@ impl StreamSource {
 async fn first_position(
     stream: &async_nats::jetstream::stream::Stream,
     last_sequence: u64,
+    messages: u64,
     history_through: i64,
     started_at: SystemTime,
 ) -> Result<DeliverPolicy, ChangeError> {
     if last_sequence == 0 {
         return Ok(DeliverPolicy::All);
+    }
+    if messages == 0 {
+        // Every message expired: whatever comes next is new.
+        return Ok(DeliverPolicy::ByStartSequence {
+            start_sequence: last_sequence + 1,
+        });
     }
     let last = stream
         .get_raw_message(last_sequence)
