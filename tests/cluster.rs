@@ -93,6 +93,16 @@ fn assert_exactly_once(events: &[Event]) {
     assert_eq!(seqs.len(), events.len(), "an event arrived twice");
 }
 
+/// Runs `statement` (an UPDATE or DELETE of messages) on one random row; the rows changed.
+async fn on_a_random_row(tx: &mut sqlx::PgConnection, statement: &str) -> u64 {
+    let sql = format!("{statement} WHERE id = (SELECT id FROM messages ORDER BY random() LIMIT 1)");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(tx)
+        .await
+        .expect("change a random row")
+        .rows_affected()
+}
+
 #[tokio::test]
 async fn three_instances_deliver_the_same_10000_changes_exactly_once() {
     let nats = Nats::start().await;
@@ -125,24 +135,8 @@ async fn three_instances_deliver_the_same_10000_changes_exactly_once() {
                     next_text += 1;
                     changes += 1;
                 }
-                7 | 8 => {
-                    let updated = sqlx::query(
-                        "UPDATE messages SET text = text || '+' WHERE id = (SELECT id FROM messages ORDER BY random() LIMIT 1)",
-                    )
-                    .execute(&mut *tx)
-                    .await
-                    .expect("update");
-                    changes += updated.rows_affected();
-                }
-                _ => {
-                    let removed = sqlx::query(
-                        "DELETE FROM messages WHERE id = (SELECT id FROM messages ORDER BY random() LIMIT 1)",
-                    )
-                    .execute(&mut *tx)
-                    .await
-                    .expect("delete");
-                    changes += removed.rows_affected();
-                }
+                7 | 8 => changes += on_a_random_row(&mut tx, "UPDATE messages SET text = text || '+'").await,
+                _ => changes += on_a_random_row(&mut tx, "DELETE FROM messages").await,
             }
         }
         tx.commit().await.expect("commit");

@@ -79,6 +79,13 @@ async fn pool(server: &Server, size: u32) -> Result<PgPool, BenchError> {
         .map_err(|e| BenchError::new("writer pool", e))
 }
 
+/// Ticks `rate` times a second; a late tick delays the next (no bursts to catch up).
+fn every(rate: u32) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
 /// K subscribers; a writer at a fixed rate through SQL, REST and `/ws`; time from the
 /// write to receipt.
 pub(super) async fn latency(options: &BenchOptions) -> Result<Vec<Row>, BenchError> {
@@ -101,8 +108,7 @@ pub(super) async fn latency(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
         let stop = CancellationToken::new();
         let set = subscribers(&server, &tokens, options.subscribers, options.subscribers, &stop).await?;
         let steal = Steal::start();
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(options.rate.max(1))));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = every(options.rate);
         let start = Instant::now();
         let mut sent = 0u64;
         while start.elapsed() < options.phase() {
@@ -715,8 +721,7 @@ async fn cluster_phase(options: &BenchOptions, clustered: bool) -> Result<Row, B
     let cpu_before: Vec<f64> = std::iter::once(&first).chain(&edges).map(Server::cpu_seconds).collect();
     let transactions_before = database_transactions(&sql).await?;
     let steal = Steal::start();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(options.rate.max(1))));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = every(options.rate);
     let start = Instant::now();
     let mut sent = 0u64;
     while start.elapsed() < options.phase() {

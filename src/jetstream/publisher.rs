@@ -388,16 +388,18 @@ impl<'a> Appender<'a> {
     }
 
     async fn append_start(&mut self, through: i64) -> Result<(), StreamError> {
-        let (headers, body) = wire::start_message(through, &self.stream_id);
-        let id = wire::message_id(&headers);
-        let ack = self.send(headers, body, self.last, None).await?;
-        self.confirm(vec![ack]).await?;
-        self.last_id = id;
-        Ok(())
+        self.append_marker(wire::start_message(through, &self.stream_id)).await
     }
 
     async fn append_gap(&mut self, after_tick: i64, through: i64) -> Result<(), StreamError> {
-        let (headers, body) = wire::gap_message(after_tick, through, &self.stream_id);
+        self.append_marker(wire::gap_message(after_tick, through, &self.stream_id))
+            .await
+    }
+
+    async fn append_marker(
+        &mut self,
+        (headers, body): (async_nats::HeaderMap, bytes::Bytes),
+    ) -> Result<(), StreamError> {
         let id = wire::message_id(&headers);
         let ack = self.send(headers, body, self.last, None).await?;
         self.confirm(vec![ack]).await?;

@@ -133,22 +133,27 @@ pub(super) fn change_message(
 
 /// A gap after `after_tick`; the reader continues after `through`.
 pub(super) fn gap_message(after_tick: i64, through: i64, stream: &str) -> (HeaderMap, Bytes) {
-    let mut headers = HeaderMap::new();
-    headers.insert(STREAM, stream);
-    headers.insert(NATS_MESSAGE_ID, format!("g{after_tick}-{through}"));
-    headers.insert(TICK, through.to_string());
-    headers.insert(THROUGH, through.to_string());
-    (headers, Bytes::from(encode(&Record::Gap { after_tick })))
+    marker_message(
+        format!("g{after_tick}-{through}"),
+        through,
+        stream,
+        &Record::Gap { after_tick },
+    )
 }
 
 /// The first message of an empty stream, whose publisher starts after `through`.
 pub(super) fn start_message(through: i64, stream: &str) -> (HeaderMap, Bytes) {
+    marker_message(format!("s{stream}"), through, stream, &Record::Start { through })
+}
+
+/// A message that carries no change: every tick through `through` is in the stream.
+fn marker_message(id: String, through: i64, stream: &str, record: &Record) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     headers.insert(STREAM, stream);
-    headers.insert(NATS_MESSAGE_ID, format!("s{stream}"));
+    headers.insert(NATS_MESSAGE_ID, id);
     headers.insert(TICK, through.to_string());
     headers.insert(THROUGH, through.to_string());
-    (headers, Bytes::from(encode(&Record::Start { through })))
+    (headers, Bytes::from(encode(record)))
 }
 
 fn encode(record: &Record) -> Vec<u8> {
