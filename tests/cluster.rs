@@ -272,6 +272,20 @@ async fn killing_the_publisher_mid_transaction_of_100000_rows_loses_and_repeats_
     assert!(from_c == from_b, "c delivered another list than b");
 }
 
+/// A logged insert into messages, for tests that append to the stream directly.
+fn created(seq: i64, tick: i64) -> quill::change::Change {
+    quill::change::Change {
+        seq,
+        tick,
+        table_schema: "public".into(),
+        table_name: "messages".into(),
+        kind: quill::EventKind::Created,
+        row: json!({"id": seq}),
+        old: None,
+        written_us: None,
+    }
+}
+
 #[tokio::test]
 async fn a_stale_publisher_cannot_append() {
     use quill::jetstream::publisher::Appender;
@@ -282,16 +296,7 @@ async fn a_stale_publisher_cannot_append() {
     let metrics = std::sync::Arc::new(quill::metrics::Metrics::default());
     let name = StreamName::of(&config, "stale_test");
     let cluster = Cluster::connect(&config, name, metrics.clone()).await.expect("connect");
-    let change = |seq: i64| quill::change::Change {
-        seq,
-        tick: seq,
-        table_schema: "public".into(),
-        table_name: "messages".into(),
-        kind: quill::EventKind::Created,
-        row: json!({"id": seq}),
-        old: None,
-        written_us: None,
-    };
+    let change = |seq: i64| created(seq, seq);
     // Both believe they may append after the same end of the stream.
     let (mut stale, _) = Appender::at_end(&cluster, &metrics).await.expect("stale publisher");
     let (mut current, _) = Appender::at_end(&cluster, &metrics).await.expect("current publisher");
@@ -439,18 +444,7 @@ async fn an_instance_far_behind_the_stream_says_so() {
     let cluster = Cluster::connect(&config, name, metrics.clone()).await.expect("connect");
     // 100 changes in the stream before this instance reads any (ticks after its start).
     let (mut appender, _) = Appender::at_end(&cluster, &metrics).await.expect("appender");
-    let changes: Vec<quill::change::Change> = (1..=100)
-        .map(|seq| quill::change::Change {
-            seq,
-            tick: 1_000 + seq,
-            table_schema: "public".into(),
-            table_name: "messages".into(),
-            kind: quill::EventKind::Created,
-            row: json!({"id": seq}),
-            old: None,
-            written_us: None,
-        })
-        .collect();
+    let changes: Vec<quill::change::Change> = (1..=100).map(|seq| created(seq, 1_000 + seq)).collect();
     appender.append(&changes, 1_100).await.expect("append");
     let mut source = StreamSource::start(cluster.clone(), pool, metrics.clone(), 10)
         .await
