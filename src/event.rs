@@ -1,11 +1,12 @@
 //! A service event: one committed change to one row, as subscribers see it.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
 use serde::Serialize;
 use serde_json::Value;
+use socketioxide_core::Str;
 
 /// The Feathers event names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
@@ -76,6 +77,9 @@ pub struct RenderedEvent {
     pub data: Bytes,
     /// The whole `/ws` frame.
     pub ws: Bytes,
+    /// The Feathers socket.io payload (`["<service> <kind>", data]`), made by the first
+    /// socket.io connection that sends this event and shared by the rest.
+    pub socketio: OnceLock<Str>,
 }
 
 /// An event as a Supabase Realtime `postgres_changes` record (the `data` of its frame:

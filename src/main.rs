@@ -40,7 +40,7 @@ struct BenchArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    /// Scenarios to run (latency, fanout, supabase, targeted, write, connections, isolation,
+    /// Scenarios to run (latency, fanout, supabase, socketio, targeted, write, connections, isolation,
     /// capture, replica, cluster); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,

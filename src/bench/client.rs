@@ -110,6 +110,9 @@ pub(super) enum Protocol {
     Ws,
     /// Supabase Realtime (Phoenix channels, `vsn=2.0.0`, as realtime-js speaks it).
     Phoenix,
+    /// The Feathers socket.io protocol (Engine.IO 4 on a WebSocket, as
+    /// `@feathersjs/socketio-client` speaks it with `transports: ['websocket']`).
+    SocketIo,
 }
 
 /// Logs in with a token and subscribes to messages' `created` events.
@@ -122,6 +125,44 @@ pub(super) async fn subscriber_in(protocol: Protocol, url: &str, i: usize, token
     match protocol {
         Protocol::Ws => subscriber(url, i, token).await,
         Protocol::Phoenix => phoenix_subscriber(url, i, token).await,
+        Protocol::SocketIo => socketio_subscriber(url, i, token).await,
+    }
+}
+
+/// Opens a Feathers socket.io connection and logs in with the token. A socket.io socket is
+/// subscribed to every service; its channels decide what it gets.
+async fn socketio_subscriber(ws_url: &str, i: usize, token: &str) -> Result<Socket, BenchError> {
+    let root = ws_url.trim_end_matches("/ws");
+    let mut ws = connect(&format!("{root}/socket.io/?EIO=4&transport=websocket"), i).await?;
+    // Engine.IO open packet, then the namespace connect and its answer.
+    next_text(&mut ws, |t| t.starts_with('0')).await?;
+    ws.send(Message::text("40"))
+        .await
+        .map_err(|e| BenchError::new("ws send", e))?;
+    next_text(&mut ws, |t| t.starts_with("40")).await?;
+    let login = format!(r#"420["create","authentication",{{"strategy":"jwt","accessToken":"{token}"}}]"#);
+    ws.send(Message::text(login))
+        .await
+        .map_err(|e| BenchError::new("ws send", e))?;
+    // A success ack is `[null, result]`; an error ack is the error alone.
+    let ack = next_text(&mut ws, |t| t.starts_with("430")).await?;
+    if !ack.starts_with("430[null,") {
+        return Err(BenchError(format!("socket.io login failed: {ack}")));
+    }
+    Ok(ws)
+}
+
+/// The next text frame for which `wanted` holds; other frames are skipped.
+async fn next_text(ws: &mut Socket, wanted: impl Fn(&str) -> bool) -> Result<String, BenchError> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .map_err(|_| BenchError("no reply within 30 s".into()))?;
+        match frame {
+            Some(Ok(Message::Text(t))) if wanted(&t) => return Ok(t.to_string()),
+            Some(Ok(_)) => {}
+            other => return Err(BenchError(format!("socket closed: {other:?}"))),
+        }
     }
 }
 
@@ -134,19 +175,14 @@ async fn phoenix_subscriber(ws_url: &str, i: usize, token: &str) -> Result<Socke
     ws.send(Message::text(join))
         .await
         .map_err(|e| BenchError::new("ws send", e))?;
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .map_err(|_| BenchError("no join reply within 30 s".into()))?;
-        match frame {
-            Some(Ok(Message::Text(t))) if t.contains("Subscribed to PostgreSQL") => return Ok(ws),
-            Some(Ok(Message::Text(t))) if t.contains("\"error\"") => {
-                return Err(BenchError(format!("join failed: {t}")));
-            }
-            Some(Ok(_)) => {}
-            other => return Err(BenchError(format!("socket closed: {other:?}"))),
-        }
+    let reply = next_text(&mut ws, |t| {
+        t.contains("Subscribed to PostgreSQL") || t.contains("\"error\"")
+    })
+    .await?;
+    if !reply.contains("Subscribed to PostgreSQL") {
+        return Err(BenchError(format!("join failed: {reply}")));
     }
+    Ok(ws)
 }
 
 /// A subscriber with a 4 KiB receive buffer, for the caller to never read again.
@@ -193,8 +229,11 @@ pub(super) async fn receive(mut ws: Socket, timed: bool, stop: CancellationToken
         };
         match frame {
             Some(Ok(Message::Text(t))) => {
-                // A `/ws` event, or a Supabase `postgres_changes` frame.
-                if t.starts_with("{\"event\"") || t.contains("\"postgres_changes\",{\"ids\"") {
+                // A `/ws` event, a Supabase `postgres_changes` frame, or a socket.io event.
+                if t.starts_with("{\"event\"")
+                    || t.contains("\"postgres_changes\",{\"ids\"")
+                    || t.starts_with("42[\"messages created\"")
+                {
                     got.events += 1;
                     if timed && let Some(age) = age(&t) {
                         got.latencies.push(age);

@@ -28,7 +28,7 @@ impl BenchError {
 pub struct BenchOptions {
     /// Admin URL of the PostgreSQL server; the bench creates its own `quill_bench` database.
     pub admin_url: String,
-    /// Scenarios to run (latency, fanout, supabase, targeted, write, connections, isolation,
+    /// Scenarios to run (latency, fanout, supabase, socketio, targeted, write, connections, isolation,
     /// capture, replica, cluster); empty = all.
     pub only: Vec<String>,
     /// Seconds per measured phase.
@@ -69,6 +69,13 @@ pub async fn run(options: BenchOptions) -> Result<Vec<Row>, BenchError> {
         for &n in &options.fanout {
             rows.push(scenarios::fanout(&options, n).await?);
             rows.push(scenarios::fanout_in(client::Protocol::Phoenix, &options, n).await?);
+        }
+    }
+    if options.wants("socketio") {
+        // The same load as `fanout`, to Feathers socket.io subscribers, beside `/ws`.
+        for &n in &options.fanout {
+            rows.push(scenarios::fanout(&options, n).await?);
+            rows.push(scenarios::fanout_in(client::Protocol::SocketIo, &options, n).await?);
         }
     }
     if options.wants("targeted") {

@@ -26,10 +26,16 @@ impl Row {
         self
     }
 
-    /// Adds p50/p95/p99/max in milliseconds.
+    /// Adds p50/p95/p99/p99.9/max in milliseconds.
     pub fn latencies(mut self, samples: &mut [Duration]) -> Self {
         samples.sort_unstable();
-        for (name, q) in [("p50_ms", 0.50), ("p95_ms", 0.95), ("p99_ms", 0.99), ("max_ms", 1.0)] {
+        for (name, q) in [
+            ("p50_ms", 0.50),
+            ("p95_ms", 0.95),
+            ("p99_ms", 0.99),
+            ("p999_ms", 0.999),
+            ("max_ms", 1.0),
+        ] {
             let v = percentile(samples, q).map(|d| round(d.as_secs_f64() * 1000.0, 3));
             self.metrics.insert(name.into(), v.map_or(Value::Null, Value::from));
         }

@@ -86,9 +86,14 @@ fn every(rate: u32) -> tokio::time::Interval {
     tick
 }
 
+/// At least 20 s per latency phase: at 200 writes/s and 10 subscribers that is 40 000
+/// samples, enough for a p99.9 that is not one unlucky moment.
+const LATENCY_PHASE: Duration = Duration::from_secs(20);
+
 /// K subscribers; a writer at a fixed rate through SQL, REST and `/ws`; time from the
 /// write to receipt.
 pub(super) async fn latency(options: &BenchOptions) -> Result<Vec<Row>, BenchError> {
+    let phase = options.phase().max(LATENCY_PHASE);
     let server = Server::start(options, &config(r#"["authenticated"]"#)).await?;
     let ids = server.users(options.subscribers + 1).await?;
     let tokens: Vec<String> = ids.iter().map(|id| Server::token(*id)).collect();
@@ -111,7 +116,7 @@ pub(super) async fn latency(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
         let mut tick = every(options.rate);
         let start = Instant::now();
         let mut sent = 0u64;
-        while start.elapsed() < options.phase() {
+        while start.elapsed() < phase {
             tick.tick().await;
             let text = stamp();
             let written = match path {
@@ -161,7 +166,8 @@ pub(super) async fn fanout(options: &BenchOptions, n: usize) -> Result<Row, Benc
 }
 
 /// The fan-out to N subscribers, speaking `protocol` (`supabase`: Supabase Realtime
-/// subscribers, to compare with `fanout`'s `/ws` on the same load).
+/// subscribers, `socketio`: Feathers socket.io clients, to compare with `fanout`'s `/ws` on
+/// the same load).
 pub(super) async fn fanout_in(protocol: Protocol, options: &BenchOptions, n: usize) -> Result<Row, BenchError> {
     let server = Server::start(options, &config(r#"["authenticated"]"#)).await?;
     let ids = server.users(1).await?;
@@ -179,6 +185,7 @@ pub(super) async fn fanout_in(protocol: Protocol, options: &BenchOptions, n: usi
     let name = match protocol {
         Protocol::Ws => "fanout",
         Protocol::Phoenix => "supabase",
+        Protocol::SocketIo => "socketio",
     };
     let row = Row::new(format!("{name}/{n}"))
         .with("subscribers", n)
@@ -189,6 +196,7 @@ pub(super) async fn fanout_in(protocol: Protocol, options: &BenchOptions, n: usi
         )
         .with("lost", (writes * n as u64).saturating_sub(events))
         .with("quill_cpu_s", round(cpu, 2))
+        .with("quill_cpu_us_per_event", round(cpu * 1e6 / events.max(1) as f64, 2))
         .with("quill_peak_rss_mib", round(peak as f64 / 1024.0, 1))
         .latencies(&mut latencies)
         .steal(&steal)

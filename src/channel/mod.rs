@@ -10,7 +10,7 @@ mod change_record;
 mod template;
 mod visibility;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -347,6 +347,7 @@ fn render(event: &ServiceEvent, data: &Value, moved: Option<&str>) -> Arc<Render
         seq: event.position.seq,
         data: Bytes::from(data),
         ws: Bytes::from(ws),
+        socketio: OnceLock::new(),
     })
 }
 

@@ -166,10 +166,14 @@ pub(super) async fn write_frames<Tx>(
 {
     let limits = state.limits;
     let mut ping = tokio::time::interval_at(Instant::now() + limits.ping_interval(), limits.ping_interval());
+    // Made once: a cancellation future registers with a token shared by every connection,
+    // and making one per turn would take that token's lock for every write.
+    let (kicked, shutdown) = (kick.fired(), state.shutdown.cancelled());
+    tokio::pin!(kicked, shutdown);
     loop {
         let first = tokio::select! {
-            cutoff = kick.fired() => return close(tx, cutoff, limits.write_timeout()).await,
-            _ = state.shutdown.cancelled() => {
+            cutoff = &mut kicked => return close(tx, cutoff, limits.write_timeout()).await,
+            _ = &mut shutdown => {
                 // Deliver what is already queued, within a bound, then say goodbye.
                 let flush = async {
                     while let Ok(frame) = frames.try_recv() {
@@ -211,9 +215,9 @@ pub(super) async fn write_frames<Tx>(
             },
             // Cut off mid-write (the hub gave up on it): what was written stays buffered
             // and the close frame goes behind it.
-            cutoff = kick.fired() => return close(tx, cutoff, limits.write_timeout()).await,
+            cutoff = &mut kicked => return close(tx, cutoff, limits.write_timeout()).await,
             // Shutting down and the socket is not taking frames: do not wait for it.
-            _ = state.shutdown.cancelled() => return,
+            _ = &mut shutdown => return,
         }
     }
 }

@@ -11,26 +11,39 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use serde_json::value::RawValue;
 use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
-use socketioxide::extract::{AckSender, Event, SocketRef};
 use socketioxide::handler::{ConnectHandler, FromMessageParts, Value as SioValue};
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::Socket;
+use socketioxide_core::Str;
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 use tokio_util::sync::CancellationToken;
 
-use super::session::{Login, SessionAuth, sleep_until};
+pub(super) use self::adapter::FeathersAdapter;
+use self::adapter::{AdapterHandle, SendFailure};
+use super::session::{Login, SessionAuth};
 use super::{AppState, ClientAddr, MAX_BODY_BYTES};
 use crate::error::{Error, Result};
+use crate::event::RenderedEvent;
 use crate::hub::{ConnId, Frame, Membership};
 use crate::service::{Method, ServiceCall};
 
+mod adapter;
+
+/// The most frames sent per turn of a socket's forwarding loop.
+const BATCH: usize = 64;
+
+type SocketRef = socketioxide::extract::SocketRef<FeathersAdapter>;
+type AckSender = socketioxide::extract::AckSender<FeathersAdapter>;
+use socketioxide::extract::Event;
+
 /// The socket.io layer, with the Feathers namespace registered.
-pub(super) fn layer(state: AppState) -> SocketIoLayer {
+pub(super) fn layer(state: AppState) -> SocketIoLayer<FeathersAdapter> {
     let limits = state.limits;
+    let sockets = AdapterHandle::default();
     let (layer, io) = SocketIo::builder()
+        .with_adapter::<FeathersAdapter>(sockets.clone())
         .max_payload(MAX_BODY_BYTES as u64)
         .max_buffer_size(state.outgoing_queue.max(128))
         // A vanished peer is dropped after one missed ping; a socket that never joins the
@@ -54,7 +67,7 @@ pub(super) fn layer(state: AppState) -> SocketIoLayer {
     let connect = move |socket: SocketRef| {
         // Handlers are registered before the first await, so a call the client sends right
         // after connecting (a re-authentication) is never dropped.
-        on_connect(socket, state.clone());
+        on_connect(socket, state.clone(), sockets.clone());
         std::future::ready(())
     };
     io.ns("/", connect.with(admit));
@@ -73,7 +86,7 @@ fn peer_of(socket: &SocketRef) -> Option<IpAddr> {
     socket.req_parts().extensions.get::<ClientAddr>().map(|c| c.0)
 }
 
-fn on_connect(socket: SocketRef, state: AppState) {
+fn on_connect(socket: SocketRef, state: AppState, sockets: AdapterHandle) {
     let peer = peer_of(&socket);
     let member = state.hub.join(state.outgoing_queue);
     state.hub.subscribe_all(member.id);
@@ -105,61 +118,114 @@ fn on_connect(socket: SocketRef, state: AppState) {
             conn.closed.cancel();
         }
     });
-    tokio::spawn(forward(socket, state, member, login_rx, conn.auth, conn.closed));
+    tokio::spawn(forward(
+        socket,
+        sockets,
+        state,
+        member,
+        login_rx,
+        conn.auth,
+        conn.closed,
+    ));
 }
 
 /// Sends the hub's frames to the socket until it closes; the membership (and so every
 /// subscription and channel) ends with it.
 async fn forward(
     socket: SocketRef,
+    sockets: AdapterHandle,
     state: AppState,
     mut member: Membership,
     mut logins: UnboundedReceiver<Login>,
     auth: SessionAuth,
     closed: CancellationToken,
 ) {
-    let mut expires = None;
-    loop {
-        tokio::select! {
-            _ = closed.cancelled() => return,
-            _ = state.shutdown.cancelled() => break,
-            (_, reason) = member.kick.fired() => {
-                tracing::info!(socket = %socket.id, reason, "disconnecting socket.io client");
-                break;
-            }
-            Some(login) = logins.recv() => expires = login.deadline(),
-            // As in Feathers, an expired token logs the connection out; the socket stays.
-            _ = sleep_until(expires) => {
-                expires = None;
-                auth.expire(&state);
-            }
-            Some(frame) = member.frames.recv() => {
-                // Replies go through acks, and a logout is learnt from the next call's 401.
-                let Frame::Event(event) = frame else { continue };
-                let name = format!("{} {}", event.service, event.kind.as_str());
-                let data = String::from_utf8_lossy(&event.data).into_owned();
-                let Ok(data) = RawValue::from_string(data) else { continue };
-                if !emit_within(&socket, &name, &data, state.slow_consumer_timeout).await {
-                    // socket.io's own buffer stayed full: the client is not reading.
-                    state.metrics.slow_consumer_disconnects.inc();
-                    break;
+    // Every future below is made once: a cancellation future registers with a token that
+    // all connections share, and a timer registers with the runtime, so making them anew
+    // for each event would cost a shared lock and a timer entry per event.
+    let cut_off = async {
+        let (closing, shutdown, kicked) = (closed.cancelled(), state.shutdown.cancelled(), member.kick.fired());
+        let expiry = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(closing, shutdown, kicked, expiry);
+        let mut expiring = false;
+        loop {
+            tokio::select! {
+                _ = &mut closing => return false,
+                _ = &mut shutdown => return true,
+                (_, reason) = &mut kicked => {
+                    tracing::info!(socket = %socket.id, reason, "disconnecting socket.io client");
+                    return true;
+                }
+                Some(login) = logins.recv() => {
+                    expiring = login.deadline().map(|at| expiry.as_mut().reset(at)).is_some();
+                }
+                // As in Feathers, an expired token logs the connection out; the socket stays.
+                _ = &mut expiry, if expiring => {
+                    expiring = false;
+                    auth.expire(&state);
+                }
+                Some(first) = member.frames.recv() => {
+                    // Send what is already queued in one go: a turn of this select costs
+                    // more than a send.
+                    let queued = std::iter::once(first)
+                        .chain(std::iter::from_fn(|| member.frames.try_recv().ok()).take(BATCH));
+                    for frame in queued {
+                        if !deliver(&socket, &sockets, &state, frame).await {
+                            return true;
+                        }
+                    }
                 }
             }
         }
     }
+    .await;
     // Out of the hub at once: it gets nothing more and costs nothing more.
     drop(member);
-    disconnect(&socket, &closed).await;
+    if cut_off {
+        disconnect(&socket, &closed).await;
+    }
 }
 
-/// Emits an event, waiting up to `grace` for room in socket.io's buffer (the same grace a
+/// Queues one hub frame for the socket; false if socket.io's buffer stayed full (the client
+/// is not reading) or the socket is gone.
+async fn deliver(socket: &SocketRef, sockets: &AdapterHandle, state: &AppState, frame: Frame) -> bool {
+    // Replies go through acks, and a logout is learnt from the next call's 401.
+    let Frame::Event(event) = frame else { return true };
+    let payload = event.socketio.get_or_init(|| feathers_event(&event));
+    let sent = emit_within(socket, sockets, payload, state.slow_consumer_timeout).await;
+    if !sent && socket.connected() {
+        state.metrics.slow_consumer_disconnects.inc();
+    }
+    sent
+}
+
+/// The event as Feathers emits it, `["<service> <kind>", data]`: the socket.io payload,
+/// encoded once per view and shared by every socket that receives it.
+fn feathers_event(event: &RenderedEvent) -> Str {
+    let (service, kind) = (&*event.service, event.kind.as_str());
+    let mut payload = String::with_capacity(event.data.len() + service.len() + kind.len() + 8);
+    payload.push_str("[\"");
+    // Service names are letters, digits, '_' and '-', kinds are words: nothing to escape.
+    payload.push_str(service);
+    payload.push(' ');
+    payload.push_str(kind);
+    payload.push_str("\",");
+    // The hub rendered the row with serde_json: it is JSON, and so UTF-8.
+    payload.push_str(std::str::from_utf8(&event.data).unwrap_or("null"));
+    payload.push(']');
+    Str::from(payload)
+}
+
+/// Queues an event, waiting up to `grace` for room in socket.io's buffer (the same grace a
 /// `/ws` client gets: meanwhile the hub queue fills and delivery waits for this client as
 /// for any slow one). False if it never fit.
-async fn emit_within(socket: &SocketRef, name: &str, data: &RawValue, grace: Duration) -> bool {
+async fn emit_within(socket: &SocketRef, sockets: &AdapterHandle, payload: &Str, grace: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + grace;
     loop {
-        if socket.emit(name, data).is_ok() {
-            return true;
+        match sockets.send(socket.id, payload) {
+            Ok(()) => return true,
+            Err(SendFailure::Closed) => return false,
+            Err(SendFailure::Full) => {}
         }
         if tokio::time::Instant::now() >= deadline || !socket.connected() {
             return false;
@@ -287,5 +353,32 @@ impl<A: Adapter> FromMessageParts<A> for RawArgs {
             None => Err("binary payloads are not supported".to_owned()),
         };
         Ok(RawArgs(args))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use bytes::Bytes;
+    use serde_json::json;
+
+    use super::*;
+    use crate::event::EventKind;
+
+    #[test]
+    fn the_event_payload_is_the_feathers_name_and_the_row_as_one_json_array() {
+        let row = json!({"id": 7, "text": "a \"quote\", a \\ and ünïcödé\u{2028}"});
+        let event = RenderedEvent {
+            service: Arc::from("chat-rooms_2"),
+            kind: EventKind::Patched,
+            seq: 1,
+            data: Bytes::from(serde_json::to_vec(&row).expect("serializable")),
+            ws: Bytes::new(),
+            socketio: OnceLock::new(),
+        };
+        let payload = feathers_event(&event);
+        let parsed: Value = serde_json::from_str(payload.as_str()).expect("valid JSON");
+        assert_eq!(parsed, json!(["chat-rooms_2 patched", row]));
     }
 }
