@@ -328,12 +328,22 @@ function call(socket, method, servicePath, ...args) {
   });
 }
 
-/** Signs the bench user up through the server's own users service, logs in with the local
- * strategy as @feathersjs/authentication-client does, and returns the access token. */
+/** Signs the bench user up through the server's own users service and logs in. */
 async function signUp(server) {
   const socket = await connect(server.url);
   try {
     await call(socket, 'create', 'users', { email: EMAIL, password: PASSWORD }, {});
+  } finally {
+    socket.disconnect();
+  }
+  return logIn(server);
+}
+
+/** Logs the bench user in with the local strategy, as @feathersjs/authentication-client
+ * does, and returns the access token. */
+async function logIn(server) {
+  const socket = await connect(server.url);
+  try {
     const login = { strategy: 'local', email: EMAIL, password: PASSWORD };
     const { accessToken } = await call(socket, 'create', 'authentication', login, {});
     return accessToken;
@@ -621,7 +631,7 @@ function plan(options) {
     }
   }
   if (options.only.includes('idle')) {
-    scenarios.push({ name: 'idle', columns: IDLE_COLUMNS, run: (server) => idle(server, options) });
+    scenarios.push({ name: 'idle', columns: IDLE_COLUMNS, fresh: true, run: (server) => idle(server, options) });
   }
   return scenarios;
 }
@@ -701,8 +711,11 @@ async function main() {
   try {
     for (const name of Object.values(DATABASES)) await recreateDatabase(admin, name);
     progress(`starting quill (${options.quill}) and the Feathers server`);
-    servers.push(await startQuill(options, databaseUrl(options.databaseUrl, DATABASES.quill)));
-    servers.push(await startFeathers(databaseUrl(options.databaseUrl, DATABASES.feathers)));
+    const start = {
+      quill: () => startQuill(options, databaseUrl(options.databaseUrl, DATABASES.quill)),
+      feathers: () => startFeathers(databaseUrl(options.databaseUrl, DATABASES.feathers)),
+    };
+    for (const name of Object.keys(start)) servers.push(await start[name]());
     for (const server of servers) server.token = await signUp(server);
 
     const feathersVersion = JSON.parse(fs.readFileSync(path.join(HERE, 'node_modules/@feathersjs/feathers/package.json'), 'utf8')).version;
@@ -710,7 +723,14 @@ async function main() {
     for (const scenario of plan(options)) {
       const rows = [];
       for (let round = 1; round <= options.rounds; round += 1) {
-        for (const server of servers) {
+        for (let i = 0; i < servers.length; i += 1) {
+          if (scenario.fresh) {
+            // A server that ran other phases keeps their memory for reuse: restart it.
+            await servers[i].stop();
+            servers[i] = await start[servers[i].name]();
+            servers[i].token = await logIn(servers[i]);
+          }
+          const server = servers[i];
           server.checkAlive();
           progress(`${scenario.name}: ${server.name}, round ${round}`);
           const row = { scenario: scenario.name, server: server.name, round, ...(await scenario.run(server)) };

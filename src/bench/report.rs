@@ -55,7 +55,7 @@ impl Row {
     }
 }
 
-fn percentile(sorted: &[Duration], q: f64) -> Option<Duration> {
+pub(super) fn percentile(sorted: &[Duration], q: f64) -> Option<Duration> {
     if sorted.is_empty() {
         return None;
     }

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{self, Protocol, Received, Socket, stamp};
-use super::report::{Row, round};
+use super::report::{self, Row, round};
 use super::server::{Nats, Server, Steal, config};
 use super::{BenchError, BenchOptions};
 
@@ -116,9 +116,13 @@ pub(super) async fn latency(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
         let mut tick = every(options.rate);
         let start = Instant::now();
         let mut sent = 0u64;
+        // How long each write call took (to the commit for SQL and REST; the send for /ws):
+        // a tail here is the database's or the machine's, not delivery's.
+        let mut write_times = Vec::new();
         while start.elapsed() < phase {
             tick.tick().await;
             let text = stamp();
+            let call_start = Instant::now();
             let written = match path {
                 "sql" => sqlx::query("INSERT INTO messages (text) VALUES ($1)")
                     .bind(&text)
@@ -138,12 +142,15 @@ pub(super) async fn latency(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
                     ws_tx.send(Message::text(call)).await.is_ok()
                 }
             };
+            write_times.push(call_start.elapsed());
             sent += u64::from(written);
         }
         tokio::time::sleep(DRAIN).await;
         stop.cancel();
         let (events, mut latencies) = collect(set).await;
         let expected = sent * options.subscribers as u64;
+        write_times.sort_unstable();
+        let write_ms = |q: f64| report::percentile(&write_times, q).map_or(0.0, |d| round(d.as_secs_f64() * 1e3, 3));
         rows.push(
             Row::new(format!("latency/{path}"))
                 .with("subscribers", options.subscribers)
@@ -151,6 +158,8 @@ pub(super) async fn latency(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
                 .with("writes", sent)
                 .with("delivered_share", round(events as f64 / expected.max(1) as f64, 4))
                 .latencies(&mut latencies)
+                .with("write_p999_ms", write_ms(0.999))
+                .with("write_max_ms", write_ms(1.0))
                 .steal(&steal)
                 .emit(),
         );
