@@ -43,7 +43,8 @@ pub struct Config {
     /// Port to listen on (`PORT` overrides it). 3030 is Feathers' default.
     #[serde(default = "default_port")]
     pub port: u16,
-    /// How many connections the query pool may open.
+    /// How many connections service calls may open; quill's own work (the change reader,
+    /// snapshots, retention) has a second pool of the same size, opened as needed.
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
     /// Frames a WebSocket connection may have queued before it is cut off as too slow.

@@ -27,6 +27,7 @@ mod scope;
 mod security;
 mod slow_consumers;
 mod startup;
+mod store_pool;
 mod supabase;
 mod truncate;
 mod ws_protocol;

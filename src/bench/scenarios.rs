@@ -288,6 +288,11 @@ pub(super) async fn targeted(options: &BenchOptions, n: usize) -> Result<Row, Be
     Ok(row)
 }
 
+/// Rounds of the write-path and capture scenarios. Each round measures every path one
+/// after the other; the medians are compared, so that a drift of the machine (CPU steal
+/// comes and goes within a minute here) does not land on one path alone.
+const WRITE_ROUNDS: usize = 3;
+
 /// Creates per second through REST and `/ws`, against plain single-row SQL inserts into the
 /// same (captured) table.
 pub(super) async fn write_path(options: &BenchOptions) -> Result<Vec<Row>, BenchError> {
@@ -297,16 +302,40 @@ pub(super) async fn write_path(options: &BenchOptions) -> Result<Vec<Row>, Bench
     let token = Server::token(ids[0]);
     let sql = pool(&server, CLIENTS as u32).await?;
     let steal = Steal::start();
-    let (_, sql_writes, sql_secs) = write_for(&server, &sql, CLIENTS, options.phase()).await;
-    let sql_rate = sql_writes as f64 / sql_secs;
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    for _ in 0..WRITE_ROUNDS {
+        let (_, sql_writes, sql_secs) = write_for(&server, &sql, CLIENTS, options.phase()).await;
+        rates[0].push(sql_writes as f64 / sql_secs);
+        rates[1].push(rest_creates(&server, &token, CLIENTS, options.phase()).await);
+        rates[2].push(ws_rate(&server, &token, CLIENTS, options.phase()).await?);
+    }
+    server.stop().await;
+    let [sql_rate, rest_rate, ws_rate] = rates.map(|mut r| median(&mut r));
+    let row = |path: &str, rate: f64| {
+        Row::new(format!("write/{path}"))
+            .with("clients", CLIENTS)
+            .with("rounds", WRITE_ROUNDS)
+            .with("creates_per_s", round(rate, 1))
+            .with("ratio_to_sql", round(rate / sql_rate.max(1.0), 3))
+            .steal(&steal)
+            .emit()
+    };
+    Ok(vec![row("sql", sql_rate), row("rest", rest_rate), row("ws", ws_rate)])
+}
 
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_unstable_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// `POST /messages` from `clients` HTTP clients for `phase`: creates per second.
+async fn rest_creates(server: &Server, token: &str, clients: usize, phase: Duration) -> f64 {
     let count = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut set = JoinSet::new();
-    for _ in 0..CLIENTS {
-        let (count, token, url) = (count.clone(), token.clone(), format!("{}/messages", server.base));
+    for _ in 0..clients {
+        let (count, token, url) = (count.clone(), token.to_owned(), format!("{}/messages", server.base));
         let http = reqwest::Client::new();
-        let phase = options.phase();
         set.spawn(async move {
             while start.elapsed() < phase {
                 let body = serde_json::json!({"text": stamp()});
@@ -324,36 +353,30 @@ pub(super) async fn write_path(options: &BenchOptions) -> Result<Vec<Row>, Bench
         });
     }
     while set.join_next().await.is_some() {}
-    let rest_rate = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
 
+/// `create` over `/ws` from `clients` logged-in connections for `phase`: creates per second.
+async fn ws_rate(server: &Server, token: &str, clients: usize, phase: Duration) -> Result<f64, BenchError> {
     let count = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let mut set = JoinSet::new();
-    for i in 0..CLIENTS {
+    let mut sockets = Vec::with_capacity(clients);
+    for i in 0..clients {
         let mut ws = client::connect(&server.ws, i).await?;
         let login = format!(
             r#"{{"ref":0,"method":"create","service":"authentication","data":{{"strategy":"jwt","accessToken":"{token}"}}}}"#
         );
         client::request(&mut ws, &[login]).await?;
-        let count = count.clone();
-        let phase = options.phase();
-        set.spawn(async move { ws_creates(ws, count, start, phase).await });
+        sockets.push(ws);
+    }
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for ws in sockets {
+        set.spawn(ws_creates(ws, count.clone(), start, phase));
     }
     while set.join_next().await.is_some() {}
-    let ws_rate = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-    server.stop().await;
-    let row = |path: &str, rate: f64| {
-        Row::new(format!("write/{path}"))
-            .with("clients", CLIENTS)
-            .with("creates_per_s", round(rate, 1))
-            .with("ratio_to_sql", round(rate / sql_rate.max(1.0), 3))
-            .steal(&steal)
-            .emit()
-    };
-    Ok(vec![row("sql", sql_rate), row("rest", rest_rate), row("ws", ws_rate)])
+    Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
-/// One `/ws` client creating messages one after the other, each awaited.
 async fn ws_creates(mut ws: Socket, count: Arc<AtomicU64>, start: Instant, phase: Duration) {
     let mut reference = 1u64;
     while start.elapsed() < phase {
@@ -483,10 +506,16 @@ pub(super) async fn capture(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
                 }
             };
             let steal = Steal::start();
-            let plain = rate(plain_sql).await;
-            let captured = rate(captured_sql).await;
+            // Plain and captured in turn, medians compared, as in `write_path`.
+            let (mut plain, mut captured) = (Vec::new(), Vec::new());
+            for _ in 0..WRITE_ROUNDS {
+                plain.push(rate(plain_sql).await);
+                captured.push(rate(captured_sql).await);
+            }
+            let (plain, captured) = (median(&mut plain), median(&mut captured));
             rows.push(
                 Row::new(format!("{name}/{writers}_writers"))
+                    .with("rounds", WRITE_ROUNDS)
                     .with("plain_per_s", round(plain, 0))
                     .with("captured_per_s", round(captured, 0))
                     .with("ratio", round(captured / plain.max(1.0), 3))

@@ -109,6 +109,8 @@ pub enum SetupError {
     Auth(#[from] AuthSetupError),
     #[error("{0}")]
     Config(String),
+    #[error("cannot set up the connection pool for service calls")]
+    Pool(#[source] sqlx::Error),
     #[error("authentication needs a JWT secret: set QUILL_JWT_SECRET or authentication.jwt_secret")]
     NoSecret,
     #[error("the JWT secret is {0} bytes; it must be at least 32 (e.g. `openssl rand -hex 32`)")]
@@ -178,7 +180,7 @@ impl Services {
                 "extensions name service '{unknown}', which is not configured"
             )));
         }
-        let store = Store::new(pool);
+        let store = Store::new(pool).map_err(SetupError::Pool)?;
         let auth = match auth_config {
             None => None,
             Some(auth) => {

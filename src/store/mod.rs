@@ -3,6 +3,7 @@
 
 mod capture;
 mod catalog;
+mod connections;
 mod sql;
 
 use serde_json::{Map, Value};
@@ -10,7 +11,7 @@ use sqlx::Arguments;
 use sqlx::postgres::{PgArguments, PgDatabaseError};
 use sqlx::query::{QueryAs, QueryScalar};
 use sqlx::types::Json;
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres};
 
 pub use capture::{CaptureError, install_capture};
 pub use catalog::{CatalogError, Column, KeyKind, Table};
@@ -18,17 +19,23 @@ pub use sql::{Target, WriteMode};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::service::query::{Condition, Query};
+use connections::Connections;
 use sql::{Bind, Statement};
 
 /// Reads and writes service tables.
 #[derive(Clone)]
 pub struct Store {
+    /// quill's own work: snapshots, capture installs, readiness.
     pool: PgPool,
+    /// Service calls: as many connections as `pool`, with the same options.
+    calls: Connections,
 }
 
 impl Store {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool) -> std::result::Result<Self, sqlx::Error> {
+        let size = pool.options().get_max_connections() as usize;
+        let calls = Connections::new((*pool.connect_options()).clone(), size)?;
+        Ok(Self { pool, calls })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -43,38 +50,37 @@ impl Store {
         limit: Option<i64>,
     ) -> Result<Vec<Value>> {
         let st = sql::select(table, query, id, limit);
-        rows(&st)?
-            .fetch_all(&self.pool)
-            .await
-            .map(unwrap_rows)
-            .map_err(db_error)
+        let query = rows(&st)?;
+        let mut call = self.calls.get().await.map_err(db_error)?;
+        let outcome = query.fetch_all(call.conn()).await;
+        call.release(&outcome);
+        outcome.map(unwrap_rows).map_err(db_error)
     }
 
     pub async fn count(&self, table: &Table, filter: &[Condition]) -> Result<i64> {
         let st = sql::count(table, filter);
         let args = arguments(&st.binds).map_err(db_error)?;
-        sqlx::query_scalar_with::<_, i64, _>(AssertSqlSafe(st.sql), args)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db_error)
+        let query = sqlx::query_scalar_with::<_, i64, _>(AssertSqlSafe(st.sql), args);
+        let mut call = self.calls.get().await.map_err(db_error)?;
+        let outcome = query.fetch_one(call.conn()).await;
+        call.release(&outcome);
+        outcome.map_err(db_error)
     }
 
     /// Inserts rows; several rows go in one transaction, so either all or none are written.
     pub async fn insert(&self, table: &Table, items: &[Map<String, Value>]) -> Result<Written> {
-        if let [item] = items {
+        let statements = items
+            .iter()
+            .map(|item| written(&sql::insert(table, item)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut call = self.calls.get().await.map_err(db_error)?;
+        let outcome = match <[_; 1]>::try_from(statements) {
             // One statement is atomic by itself: no BEGIN and COMMIT round trips.
-            let st = sql::insert(table, item);
-            let row = written(&st)?.fetch_one(&self.pool).await.map_err(db_error)?;
-            return Ok(Written::from(vec![row]));
-        }
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let mut out = Vec::with_capacity(items.len());
-        for item in items {
-            let st = sql::insert(table, item);
-            out.push(written(&st)?.fetch_one(&mut *tx).await.map_err(db_error)?);
-        }
-        tx.commit().await.map_err(db_error)?;
-        Ok(Written::from(out))
+            Ok([insert]) => insert.fetch_one(call.conn()).await.map(|row| vec![row]),
+            Err(statements) => insert_all(call.conn(), statements).await,
+        };
+        call.release(&outcome);
+        outcome.map(Written::from).map_err(db_error)
     }
 
     pub async fn update(
@@ -85,21 +91,35 @@ impl Store {
         mode: WriteMode<'_>,
     ) -> Result<Written> {
         let st = sql::update(table, target, row, mode);
-        written(&st)?
-            .fetch_all(&self.pool)
-            .await
-            .map(Written::from)
-            .map_err(db_error)
+        self.write(written(&st)?).await
     }
 
     pub async fn delete(&self, table: &Table, target: Target<'_>) -> Result<Written> {
         let st = sql::delete(table, target);
-        written(&st)?
-            .fetch_all(&self.pool)
-            .await
-            .map(Written::from)
-            .map_err(db_error)
+        self.write(written(&st)?).await
     }
+
+    /// Runs one write statement on a call connection.
+    async fn write(&self, statement: WriteQuery) -> Result<Written> {
+        let mut call = self.calls.get().await.map_err(db_error)?;
+        let outcome = statement.fetch_all(call.conn()).await;
+        call.release(&outcome);
+        outcome.map(Written::from).map_err(db_error)
+    }
+}
+
+/// Several inserts in one transaction, so either all or none are written.
+async fn insert_all(
+    conn: &mut PgConnection,
+    statements: Vec<WriteQuery>,
+) -> std::result::Result<Vec<(Json<Value>, String)>, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    let mut out = Vec::with_capacity(statements.len());
+    for insert in statements {
+        out.push(insert.fetch_one(&mut *tx).await?);
+    }
+    tx.commit().await?;
+    Ok(out)
 }
 
 /// The rows a write returned, and the id of the transaction that wrote them (`None` when
@@ -122,7 +142,10 @@ impl From<Vec<(Json<Value>, String)>> for Written {
 
 /// A write statement (ending in `RETURNING row_to_json(t)`) that also returns its
 /// transaction's id.
-fn written(st: &Statement) -> Result<QueryAs<'static, Postgres, (Json<Value>, String), PgArguments>> {
+type WriteQuery = QueryAs<'static, Postgres, (Json<Value>, String), PgArguments>;
+
+/// `st` as a [`WriteQuery`].
+fn written(st: &Statement) -> Result<WriteQuery> {
     let sql = format!("{}, pg_current_xact_id()::text", st.sql);
     let args = arguments(&st.binds).map_err(db_error)?;
     Ok(sqlx::query_as_with(AssertSqlSafe(sql), args))
