@@ -25,6 +25,11 @@ const PAGE: usize = 1000;
 /// While busy, the reader looks for new ticks at most this often: each look is a tick (a
 /// transaction), and under load fewer, bigger ticks leave the writers more of the machine.
 const BUSY_POLL: Duration = Duration::from_millis(1);
+/// ... and, when looks get slow (the database is loaded), it waits this many times as long
+/// as the last look took, up to `BUSY_POLL_MAX`: the reader's share of the database stays
+/// bounded, and a light load keeps the 1 ms.
+const BUSY_POLL_PER_LOOK: u32 = 4;
+const BUSY_POLL_MAX: Duration = Duration::from_millis(5);
 
 /// Walks ticks in order, returning each tick's batch in pages.
 struct TickCursor {
@@ -238,6 +243,8 @@ pub struct LogReader {
     eager: bool,
     /// When the reader last looked for new ticks.
     last_look: Instant,
+    /// How long to wait before the next look while busy (see [`BUSY_POLL_PER_LOOK`]).
+    busy_poll: Duration,
     presence: Presence,
     registration: Registration,
     /// Set by a cluster publisher: the log is kept from here on (see [`Self::keep_from`]).
@@ -279,6 +286,7 @@ impl LogReader {
             cursor: TickCursor::after(last_tick),
             eager: true,
             last_look: Instant::now(),
+            busy_poll: BUSY_POLL,
             presence: Presence::new(metrics.clone()),
             registration: Registration {
                 key: i32::from_le_bytes(key),
@@ -368,7 +376,7 @@ impl ChangeSource for LogReader {
             }
             if self.eager {
                 if self.presence.busy() {
-                    tokio::time::sleep_until(self.last_look + BUSY_POLL).await;
+                    tokio::time::sleep_until(self.last_look + self.busy_poll).await;
                 }
             } else {
                 match self.presence.settle(&self.pool).await {
@@ -398,6 +406,7 @@ impl ChangeSource for LogReader {
                 }
                 polled => polled?,
             };
+            self.busy_poll = (self.last_look.elapsed() * BUSY_POLL_PER_LOOK).clamp(BUSY_POLL, BUSY_POLL_MAX);
             // Reading works (again): the pipeline only hears of non-empty batches.
             self.metrics.reader_up.set(1);
             if let Err(e) = self.report().await {
