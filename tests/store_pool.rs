@@ -99,3 +99,31 @@ async fn a_call_cancelled_mid_statement_does_not_hand_its_connection_to_the_next
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_failed_multi_row_create_leaves_no_transaction_open_on_its_connection() {
+    let mut config = crate::support::open_demo();
+    if let Some(s) = config.services.get_mut("messages") {
+        s.multi = quill::config::Multi::All(true);
+    }
+    let q = Quill::start_with(config).await;
+    let sql = q.sql().await;
+    // The second row breaks NOT NULL: the first is already inserted in the transaction.
+    let (status, _) = q
+        .rest(
+            "POST",
+            "/messages",
+            Some(serde_json::json!([{"text": "ok"}, {"text": null}])),
+        )
+        .await;
+    assert_eq!(status, 400);
+    // Its connection is back in the pool, idle: not idle in a transaction that still holds
+    // the first row's insert, which would wait for that connection's next call.
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+    )
+    .fetch_one(&sql)
+    .await
+    .expect("pg_stat_activity");
+    assert_eq!(open, 0, "a pooled connection holds an open transaction");
+}

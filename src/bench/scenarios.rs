@@ -377,6 +377,7 @@ async fn ws_rate(server: &Server, token: &str, clients: usize, phase: Duration) 
     Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Creates over one `/ws` connection, one at a time, until `phase` is over.
 async fn ws_creates(mut ws: Socket, count: Arc<AtomicU64>, start: Instant, phase: Duration) {
     let mut reference = 1u64;
     while start.elapsed() < phase {

@@ -25,9 +25,9 @@ const PAGE: usize = 1000;
 /// While busy, the reader looks for new ticks at most this often: each look is a tick (a
 /// transaction), and under load fewer, bigger ticks leave the writers more of the machine.
 const BUSY_POLL: Duration = Duration::from_millis(1);
-/// ... and, when looks get slow (the database is loaded), it waits this many times as long
-/// as the last look took, up to `BUSY_POLL_MAX`: the reader's share of the database stays
-/// bounded, and a light load keeps the 1 ms.
+/// ... and, when looks get slow (the database is loaded), it starts a look at most every
+/// this many times as long as the last look took, up to `BUSY_POLL_MAX`: the reader's share
+/// of the database stays bounded, and a light load keeps the 1 ms.
 const BUSY_POLL_PER_LOOK: u32 = 4;
 const BUSY_POLL_MAX: Duration = Duration::from_millis(5);
 
@@ -243,7 +243,8 @@ pub struct LogReader {
     eager: bool,
     /// When the reader last looked for new ticks.
     last_look: Instant,
-    /// How long to wait before the next look while busy (see [`BUSY_POLL_PER_LOOK`]).
+    /// How long after the start of a look the next may start while busy (see
+    /// [`BUSY_POLL_PER_LOOK`]).
     busy_poll: Duration,
     presence: Presence,
     registration: Registration,

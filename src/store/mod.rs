@@ -116,7 +116,15 @@ async fn insert_all(
     let mut tx = conn.begin().await?;
     let mut out = Vec::with_capacity(statements.len());
     for insert in statements {
-        out.push(insert.fetch_one(&mut *tx).await?);
+        match insert.fetch_one(&mut *tx).await {
+            Ok(row) => out.push(row),
+            Err(e) => {
+                // Rolled back now, not when the connection is next used: a pooled
+                // connection must not hold a transaction (and its locks) meanwhile.
+                tx.rollback().await?;
+                return Err(e);
+            }
+        }
     }
     tx.commit().await?;
     Ok(out)

@@ -1,7 +1,8 @@
 //! socketioxide's in-process adapter, plus a handle to it: the one public way to hand a
-//! socket an already-encoded packet. Each event is encoded once per view and its bytes are
-//! shared by every socket that receives it; socketioxide's own `emit` would serialize the
-//! payload again for every socket.
+//! socket an already-encoded payload. Each event's payload is encoded once per view and
+//! shared by every socket that receives it; socketioxide's own `emit` would serialize it
+//! again for every socket. What each socket still costs is socketioxide's packet framing
+//! (a copy of the payload behind its packet type) and Engine.IO's.
 
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock, Weak};
@@ -28,7 +29,7 @@ pub(super) enum SendFailure {
 
 impl AdapterHandle {
     /// Queues `["<event>", data]`, already encoded as `payload`, for one socket of the `/`
-    /// namespace. The bytes are shared, not copied.
+    /// namespace.
     pub(super) fn send(&self, sid: Sid, payload: &Str) -> Result<(), SendFailure> {
         let adapter = self.0.get().and_then(Weak::upgrade).ok_or(SendFailure::Closed)?;
         let packet = Packet::event("/", Value::Str(payload.clone(), None));

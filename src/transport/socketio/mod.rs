@@ -168,7 +168,7 @@ async fn forward(
                     // Send what is already queued in one go: a turn of this select costs
                     // more than a send.
                     let queued = std::iter::once(first)
-                        .chain(std::iter::from_fn(|| member.frames.try_recv().ok()).take(BATCH));
+                        .chain(std::iter::from_fn(|| member.frames.try_recv().ok()).take(BATCH - 1));
                     for frame in queued {
                         if !deliver(&socket, &sockets, &state, frame).await {
                             return true;
@@ -187,16 +187,19 @@ async fn forward(
 }
 
 /// Queues one hub frame for the socket; false if socket.io's buffer stayed full (the client
-/// is not reading) or the socket is gone.
+/// is not reading: counted as a slow consumer) or the socket is gone.
 async fn deliver(socket: &SocketRef, sockets: &AdapterHandle, state: &AppState, frame: Frame) -> bool {
     // Replies go through acks, and a logout is learnt from the next call's 401.
     let Frame::Event(event) = frame else { return true };
     let payload = event.socketio.get_or_init(|| feathers_event(&event));
-    let sent = emit_within(socket, sockets, payload, state.slow_consumer_timeout).await;
-    if !sent && socket.connected() {
-        state.metrics.slow_consumer_disconnects.inc();
+    match emit_within(socket, sockets, payload, state.slow_consumer_timeout).await {
+        Ok(()) => true,
+        Err(SendFailure::Full) => {
+            state.metrics.slow_consumer_disconnects.inc();
+            false
+        }
+        Err(SendFailure::Closed) => false,
     }
-    sent
 }
 
 /// The event as Feathers emits it, `["<service> <kind>", data]`: the socket.io payload,
@@ -218,17 +221,24 @@ fn feathers_event(event: &RenderedEvent) -> Str {
 
 /// Queues an event, waiting up to `grace` for room in socket.io's buffer (the same grace a
 /// `/ws` client gets: meanwhile the hub queue fills and delivery waits for this client as
-/// for any slow one). False if it never fit.
-async fn emit_within(socket: &SocketRef, sockets: &AdapterHandle, payload: &Str, grace: Duration) -> bool {
+/// for any slow one).
+async fn emit_within(
+    socket: &SocketRef,
+    sockets: &AdapterHandle,
+    payload: &Str,
+    grace: Duration,
+) -> Result<(), SendFailure> {
     let deadline = tokio::time::Instant::now() + grace;
     loop {
         match sockets.send(socket.id, payload) {
-            Ok(()) => return true,
-            Err(SendFailure::Closed) => return false,
             Err(SendFailure::Full) => {}
+            sent => return sent,
         }
-        if tokio::time::Instant::now() >= deadline || !socket.connected() {
-            return false;
+        if !socket.connected() {
+            return Err(SendFailure::Closed);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(SendFailure::Full);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
