@@ -215,6 +215,11 @@ impl Services {
         self.store.pool()
     }
 
+    /// Whether service calls can reach the database now.
+    pub async fn ping_database(&self) -> Result<(), sqlx::Error> {
+        self.store.ping().await
+    }
+
     pub fn get(&self, name: &str) -> Option<&Arc<Service>> {
         self.by_name.get(name)
     }

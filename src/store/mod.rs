@@ -42,6 +42,14 @@ impl Store {
         &self.pool
     }
 
+    /// One round trip on a connection of the pool service calls use (for readiness).
+    pub async fn ping(&self) -> std::result::Result<(), sqlx::Error> {
+        let mut call = self.calls.get().await?;
+        let outcome = sqlx::query("SELECT 1").execute(call.conn()).await.map(drop);
+        call.release(&outcome);
+        outcome
+    }
+
     pub async fn select(
         &self,
         table: &Table,

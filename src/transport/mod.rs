@@ -93,7 +93,8 @@ async fn ready(State(state): State<AppState>) -> Response {
             .into_response();
     }
     let reading = state.metrics.reader_up.get() == 1;
-    let probe = sqlx::query("SELECT 1").execute(state.services.pool());
+    // On the pool service calls use: the one whose health a caller sees.
+    let probe = state.services.ping_database();
     let database = tokio::time::timeout(std::time::Duration::from_secs(2), probe)
         .await
         .is_ok_and(|r| r.is_ok());
