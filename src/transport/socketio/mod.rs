@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
+use socketioxide::extract::Event;
 use socketioxide::handler::{ConnectHandler, FromMessageParts, Value as SioValue};
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::Socket;
@@ -34,9 +35,9 @@ mod adapter;
 /// The most frames sent per turn of a socket's forwarding loop.
 const BATCH: usize = 64;
 
+// socketioxide's extractors, over quill's adapter.
 type SocketRef = socketioxide::extract::SocketRef<FeathersAdapter>;
 type AckSender = socketioxide::extract::AckSender<FeathersAdapter>;
-use socketioxide::extract::Event;
 
 /// The socket.io layer, with the Feathers namespace registered.
 pub(super) fn layer(state: AppState) -> SocketIoLayer<FeathersAdapter> {
