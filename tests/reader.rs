@@ -236,3 +236,86 @@ async fn the_readers_queries_stay_on_the_indexes_when_planned_on_a_small_log() {
     assert_eq!(rows, 1, "one new change");
     assert_eq!(seq_scans, 0, "a poll must not scan the whole change log");
 }
+
+/// One row of `quill.read_ticks`: (prev, tick, read_later, seq, text of the row).
+type TickRow = (i64, i64, bool, Option<i64>, Option<String>);
+
+async fn read_ticks(conn: &mut PgConnection, after: i64, max_rows: i32) -> Result<Vec<TickRow>, sqlx::Error> {
+    sqlx::query_as("SELECT prev, tick, read_later, seq, row_data->>'text' FROM quill.read_ticks($1, NULL, $2)")
+        .bind(after)
+        .bind(max_rows)
+        .fetch_all(conn)
+        .await
+}
+
+async fn make_tick(conn: &mut PgConnection) -> Option<i64> {
+    sqlx::query_scalar("SELECT quill.make_tick()")
+        .fetch_one(conn)
+        .await
+        .expect("make a tick")
+}
+
+#[tokio::test]
+async fn read_ticks_chains_ticks_defers_what_does_not_fit_and_reports_a_pruned_start() {
+    let (db, pool) = captured_db().await;
+    let mut reader = session(&db).await;
+    let start = last_tick(&mut reader).await;
+    insert(&pool, "a").await;
+    let first = make_tick(&mut reader).await.expect("a tick for a");
+    // Nothing new, no tick; b and c then share one.
+    assert_eq!(make_tick(&mut reader).await, None);
+    insert(&pool, "b").await;
+    insert(&pool, "c").await;
+    let second = make_tick(&mut reader).await.expect("a tick for b and c");
+    insert(&pool, "d").await;
+    let third = make_tick(&mut reader).await.expect("a tick for d");
+
+    let rows = read_ticks(&mut reader, start, 1000).await.expect("read");
+    let seen: Vec<(i64, i64, bool, Option<String>)> = rows
+        .iter()
+        .map(|(prev, tick, later, _, text)| (*prev, *tick, *later, text.clone()))
+        .collect();
+    let text = |t: &str| Some(t.to_owned());
+    assert_eq!(
+        seen,
+        [
+            (start, first, false, text("a")),
+            (first, second, false, text("b")),
+            (first, second, false, text("c")),
+            (second, third, false, text("d")),
+        ]
+    );
+    let seqs: Vec<i64> = rows.iter().filter_map(|r| r.3).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in log order: {seqs:?}");
+
+    // Room for two rows: the first tick fits, the second does not and is left to read later
+    // (whole ticks only), and nothing after it is returned.
+    let rows = read_ticks(&mut reader, start, 2).await.expect("read a page");
+    let seen: Vec<(i64, i64, bool, Option<String>)> = rows
+        .iter()
+        .map(|(prev, tick, later, _, text)| (*prev, *tick, *later, text.clone()))
+        .collect();
+    assert_eq!(seen, [(start, first, false, text("a")), (first, second, true, None)]);
+
+    // Reading on from a tick the pruner has deleted is an error the reader recognizes.
+    sqlx::query("DELETE FROM quill.tick WHERE id = $1")
+        .bind(first)
+        .execute(&pool)
+        .await
+        .expect("delete a tick");
+    let pruned = read_ticks(&mut reader, first, 1000)
+        .await
+        .expect_err("the start tick is gone");
+    let code = pruned
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("QL001"), "{pruned}");
+    // With nothing newer than the start there is nothing to read, pruned or not.
+    assert!(
+        read_ticks(&mut reader, third, 1000)
+            .await
+            .expect("read past the end")
+            .is_empty()
+    );
+}
