@@ -23,15 +23,21 @@ fn epoch() -> Instant {
 
 /// The text of a timed message: the send time, read back by receivers.
 pub(super) fn stamp() -> String {
-    format!("bench {}", epoch().elapsed().as_nanos())
+    stamped().1
 }
 
-/// Time since the stamp in a frame, if the frame carries one.
-fn age(frame: &str) -> Option<Duration> {
+/// The send time (nanoseconds since the bench's epoch) and the text that carries it.
+pub(super) fn stamped() -> (u64, String) {
+    let sent = u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX);
+    (sent, format!("bench {sent}"))
+}
+
+/// The stamp in a frame, if the frame carries one, and the time since.
+fn age(frame: &str) -> Option<(u64, Duration)> {
     let start = frame.find("\"bench ")? + 7;
     let digits: String = frame[start..].chars().take_while(char::is_ascii_digit).collect();
-    let sent = Duration::from_nanos(digits.parse().ok()?);
-    Some(epoch().elapsed().saturating_sub(sent))
+    let sent: u64 = digits.parse().ok()?;
+    Some((sent, epoch().elapsed().saturating_sub(Duration::from_nanos(sent))))
 }
 
 /// Opens `/ws`, from 127.0.0.(2 + i % 200) so that tens of thousands of connections do not
@@ -204,6 +210,8 @@ async fn subscribe(mut ws: Socket, token: &str) -> Result<Socket, BenchError> {
 pub(super) struct Received {
     pub(super) events: u64,
     pub(super) latencies: Vec<Duration>,
+    /// The stamp of each event in `latencies`, in the same order.
+    pub(super) stamps: Vec<u64>,
 }
 
 /// Reads events until `stop` and then until the stream has been idle for a second (at
@@ -235,8 +243,9 @@ pub(super) async fn receive(mut ws: Socket, timed: bool, stop: CancellationToken
                     || t.starts_with("42[\"messages created\"")
                 {
                     got.events += 1;
-                    if timed && let Some(age) = age(&t) {
+                    if timed && let Some((sent, age)) = age(&t) {
                         got.latencies.push(age);
+                        got.stamps.push(sent);
                     }
                 }
             }

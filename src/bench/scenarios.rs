@@ -1,6 +1,7 @@
 //! The scenarios of `quill bench`. Each starts its own quill, measures one phase of
 //! `options.seconds` and stops everything it started.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{self, Protocol, Received, Socket, stamp};
+use super::client::{self, Protocol, Received, Socket, stamp, stamped};
 use super::report::{self, Row, round};
 use super::server::{Nats, Server, Steal, config};
 use super::{BenchError, BenchOptions};
@@ -61,14 +62,20 @@ async fn subscribers_in(
     Ok(set)
 }
 
-async fn collect(mut set: JoinSet<Received>) -> (u64, Vec<Duration>) {
-    let mut events = 0;
-    let mut latencies = Vec::new();
+async fn collect(set: JoinSet<Received>) -> (u64, Vec<Duration>) {
+    let all = collect_all(set).await;
+    (all.events, all.latencies)
+}
+
+/// Every receiver's events, latencies and stamps together.
+async fn collect_all(mut set: JoinSet<Received>) -> Received {
+    let mut all = Received::default();
     while let Some(Ok(r)) = set.join_next().await {
-        events += r.events;
-        latencies.extend(r.latencies);
+        all.events += r.events;
+        all.latencies.extend(r.latencies);
+        all.stamps.extend(r.stamps);
     }
-    (events, latencies)
+    all
 }
 
 async fn pool(server: &Server, size: u32) -> Result<PgPool, BenchError> {
@@ -115,13 +122,17 @@ pub(super) async fn latency(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
         let steal = Steal::start();
         let mut tick = every(options.rate);
         let start = Instant::now();
-        let mut sent = 0u64;
+        let mut writes = 0u64;
         // How long each write call took (to the commit for SQL and REST; the send for /ws):
         // a tail here is the database's or the machine's, not delivery's.
         let mut write_times = Vec::new();
+        // Each write's call time by its stamp. What an event took after its write call
+        // returned (just after the commit, for SQL and REST) is about quill's part of the
+        // latency; the call's own time is the database's.
+        let mut call_time_of = HashMap::new();
         while start.elapsed() < phase {
             tick.tick().await;
-            let text = stamp();
+            let (sent, text) = stamped();
             let call_start = Instant::now();
             let written = match path {
                 "sql" => sqlx::query("INSERT INTO messages (text) VALUES ($1)")
@@ -142,24 +153,40 @@ pub(super) async fn latency(options: &BenchOptions) -> Result<Vec<Row>, BenchErr
                     ws_tx.send(Message::text(call)).await.is_ok()
                 }
             };
-            write_times.push(call_start.elapsed());
-            sent += u64::from(written);
+            let call_time = call_start.elapsed();
+            write_times.push(call_time);
+            call_time_of.insert(sent, call_time);
+            writes += u64::from(written);
         }
         tokio::time::sleep(DRAIN).await;
         stop.cancel();
-        let (events, mut latencies) = collect(set).await;
-        let expected = sent * options.subscribers as u64;
+        let Received {
+            events,
+            mut latencies,
+            stamps,
+        } = collect_all(set).await;
+        let mut after_commit: Vec<Duration> = match path {
+            "ws" => Vec::new(),
+            _ => (latencies.iter().zip(&stamps))
+                .filter_map(|(age, sent)| Some(age.saturating_sub(*call_time_of.get(sent)?)))
+                .collect(),
+        };
+        after_commit.sort_unstable();
+        let after_ms = |q: f64| report::percentile(&after_commit, q).map(|d| round(d.as_secs_f64() * 1e3, 3));
+        let expected = writes * options.subscribers as u64;
         write_times.sort_unstable();
         let write_ms = |q: f64| report::percentile(&write_times, q).map_or(0.0, |d| round(d.as_secs_f64() * 1e3, 3));
         rows.push(
             Row::new(format!("latency/{path}"))
                 .with("subscribers", options.subscribers)
                 .with("rate_per_s", options.rate)
-                .with("writes", sent)
+                .with("writes", writes)
                 .with("delivered_share", round(events as f64 / expected.max(1) as f64, 4))
                 .latencies(&mut latencies)
                 .with("write_p999_ms", write_ms(0.999))
                 .with("write_max_ms", write_ms(1.0))
+                .with("after_commit_p99_ms", after_ms(0.99))
+                .with("after_commit_p999_ms", after_ms(0.999))
                 .steal(&steal)
                 .emit(),
         );
