@@ -65,6 +65,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(rest::not_found)
         // After every route and the fallback, so that /socket.io/ requests reach it.
         .layer(socketio::layer(state.clone()))
+        // Before socketioxide, which keeps each socket's request head.
+        .layer(axum::middleware::map_request(socketio::detach_head))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::cors::CorsLayer::permissive())
         .with_state(state)

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(super) use self::adapter::FeathersAdapter;
 use self::adapter::{AdapterHandle, SendFailure};
+pub(super) use self::head::detach_head;
 use super::session::{Login, SessionAuth};
 use super::{AppState, ClientAddr, MAX_BODY_BYTES};
 use crate::error::{Error, Result};
@@ -31,6 +32,7 @@ use crate::hub::{ConnId, Frame, Membership};
 use crate::service::{Method, ServiceCall};
 
 mod adapter;
+mod head;
 
 /// The most frames sent per turn of a socket's forwarding loop.
 const BATCH: usize = 64;
@@ -47,6 +49,8 @@ pub(super) fn layer(state: AppState) -> SocketIoLayer<FeathersAdapter> {
         .with_adapter::<FeathersAdapter>(sockets.clone())
         .max_payload(MAX_BODY_BYTES as u64)
         .max_buffer_size(state.outgoing_queue.max(128))
+        // As `/ws`'s: an idle connection should cost kilobytes; it grows for large messages.
+        .ws_read_buffer_size(2 * 1024)
         // A vanished peer is dropped after one missed ping; a socket that never joins the
         // namespace after the handshake, after the handshake timeout.
         .ping_interval(limits.ping_interval())
