@@ -268,6 +268,11 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// A write to a socket that takes longer than this cuts the connection off (4008).
     pub write_timeout_ms: u64,
+    /// How long a WebSocket (`/ws`, socket.io, Supabase) waits after an event reaches its
+    /// empty queue before writing, so that events arriving meanwhile go out in the same
+    /// write. 0 (the default) writes at once. Trades up to this much latency for fewer
+    /// socket writes, which is most of the cost of fanning out many events per second.
+    pub write_delay_ms: u64,
     /// How long a client may take to send its HTTP request headers (the upgrade too).
     pub handshake_timeout_ms: u64,
     /// The most changes one resume with `since` may replay; further behind gets `Gone`.
@@ -280,6 +285,9 @@ pub struct Limits {
     pub snapshots_in_flight: usize,
 }
 
+/// The longest `limits.write_delay_ms`: past this a delay is a misconfiguration, not a trade.
+const MAX_WRITE_DELAY_MS: u64 = 1_000;
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -289,6 +297,7 @@ impl Default for Limits {
             ping_interval_ms: 20_000,
             idle_timeout_ms: 60_000,
             write_timeout_ms: 10_000,
+            write_delay_ms: 0,
             handshake_timeout_ms: 10_000,
             max_replay_changes: 1_000_000,
             max_find_rows: 10_000,
@@ -306,6 +315,9 @@ impl Limits {
     }
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
+    }
+    pub fn write_delay(&self) -> Duration {
+        Duration::from_millis(self.write_delay_ms)
     }
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
@@ -732,6 +744,11 @@ impl Config {
                 "limits: calls_in_flight, max_connections, connections_per_address, ping_interval_ms, write_timeout_ms, handshake_timeout_ms, max_find_rows and snapshots_in_flight must be at least 1".into(),
             ));
         }
+        if l.write_delay_ms > MAX_WRITE_DELAY_MS || l.write_delay_ms >= l.write_timeout_ms {
+            return Err(ConfigError::Invalid(format!(
+                "limits: write_delay_ms must be below write_timeout_ms and at most {MAX_WRITE_DELAY_MS}: it delays every event"
+            )));
+        }
         if l.idle_timeout_ms <= l.ping_interval_ms {
             return Err(ConfigError::Invalid(
                 "limits: idle_timeout_ms must be longer than ping_interval_ms".into(),
@@ -790,6 +807,20 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_delay_is_bounded_by_a_second_and_by_the_write_timeout() {
+        let with = |limits: &str| Config::from_toml(&format!("[limits]\n{limits}"));
+        assert_eq!(Config::default().limits.write_delay_ms, 0);
+        let ok = with("write_delay_ms = 1000").expect("a second is allowed");
+        assert_eq!(ok.limits.write_delay(), Duration::from_secs(1));
+        for bad in ["write_delay_ms = 1001", "write_delay_ms = 500\nwrite_timeout_ms = 500"] {
+            assert!(
+                matches!(with(bad), Err(ConfigError::Invalid(_))),
+                "{bad} must be refused"
+            );
+        }
+    }
 
     #[test]
     fn cluster_takes_one_url_or_a_list_and_checks_its_settings() {

@@ -47,3 +47,16 @@ async fn a_feathers_client_hears_of_a_truncate() {
     let q = Quill::start().await;
     node_test(&q, "truncate.test.mjs", &[]).await;
 }
+
+#[tokio::test]
+async fn a_write_delay_holds_socketio_changes_back_and_sends_them_together() {
+    let config = quill::Config {
+        limits: quill::config::Limits {
+            write_delay_ms: 1000,
+            ..Default::default()
+        },
+        ..crate::support::open_demo()
+    };
+    let q = Quill::start_with(config).await;
+    node_test(&q, "write_delay.test.mjs", &[("WRITE_DELAY_MS", "1000")]).await;
+}

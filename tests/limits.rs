@@ -2,6 +2,7 @@
 //! flight, the idle timeout and the handshake timeout.
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -203,4 +204,28 @@ async fn a_client_that_never_sends_its_request_is_disconnected_after_the_handsha
         .expect("quill closes the connection");
     let text = String::from_utf8_lossy(&rest);
     assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+}
+
+#[tokio::test]
+async fn a_write_delay_holds_changes_back_but_not_replies() {
+    let delay = Duration::from_millis(1000);
+    let limits = Limits {
+        write_delay_ms: 1000,
+        ..Limits::default()
+    };
+    let q = Quill::start_with(with_limits(limits)).await;
+    let mut ws = q.ws().await;
+    ws.subscribe("messages").await;
+    let written = Instant::now();
+    ws.ok("create", "messages", json!({"data": {"text": "held"}})).await;
+    assert!(written.elapsed() < delay, "the reply was held back with the changes");
+    assert_eq!(ws.buffered_events(), 0, "a change overtook its reply");
+    // A change that comes while the first is held goes out with it, in order.
+    sqlx::query("INSERT INTO messages (text) VALUES ('with it')")
+        .execute(&q.sql().await)
+        .await
+        .expect("insert");
+    let texts: Vec<Value> = ws.events(2).await.iter().map(|e| e["data"]["text"].clone()).collect();
+    assert!(written.elapsed() >= delay, "a change went out before the delay");
+    assert_eq!(texts, [json!("held"), json!("with it")]);
 }

@@ -53,6 +53,7 @@ max_connections = 1000000
 connections_per_address = 1000000
 ping_interval_ms = 1800000
 idle_timeout_ms = 3600000
+write_delay_ms = WRITE_DELAY_MS
 
 [authentication]
 service = "users"
@@ -118,6 +119,8 @@ function readOptions() {
       // 1 000 subscribers' events in this one process) bounded quill's rate, not quill.
       writers: { type: 'string', default: '16' },
       only: { type: 'string', default: 'latency,fanout,idle' },
+      // quill's limits.write_delay_ms: 0 writes each event at once.
+      'write-delay-ms': { type: 'string', default: '0' },
     },
   });
   const only = values.only.split(',');
@@ -133,8 +136,15 @@ function readOptions() {
     rate: positive('--rate', values.rate),
     subscribers: positive('--subscribers', values.subscribers),
     writers: positive('--writers', values.writers),
+    writeDelayMs: nonNegative('--write-delay-ms', values['write-delay-ms']),
     only,
   };
+}
+
+function nonNegative(name, text) {
+  const value = Number(text);
+  if (!Number.isInteger(value) || value < 0) throw new Error(`${name}: expected a whole number, got ${text}`);
+  return value;
 }
 
 function positive(name, text) {
@@ -256,7 +266,7 @@ async function freePort() {
 
 async function startQuill(options, databaseUrl) {
   const port = await freePort();
-  fs.writeFileSync(QUILL_CONFIG_FILE, QUILL_CONFIG);
+  fs.writeFileSync(QUILL_CONFIG_FILE, QUILL_CONFIG.replace('WRITE_DELAY_MS', String(options.writeDelayMs)));
   const env = { DATABASE_URL: databaseUrl, PORT: String(port), QUILL_JWT_SECRET: QUILL_SECRET, RUST_LOG: 'warn' };
   const server = new Server('quill', options.quill, ['serve', '--config', QUILL_CONFIG_FILE], env, `http://127.0.0.1:${port}`);
   await withTimeout(Promise.race([untilReady(server), server.exited]), START_TIMEOUT_MS, 'GET /ready = 200 from quill');
@@ -719,7 +729,7 @@ async function main() {
     for (const server of servers) server.token = await signUp(server);
 
     const feathersVersion = JSON.parse(fs.readFileSync(path.join(HERE, 'node_modules/@feathersjs/feathers/package.json'), 'utf8')).version;
-    console.log(`## quill vs Feathers ${feathersVersion}: ${os.cpus().length} cores, Node ${process.version}, ${options.seconds} s phases\n`);
+    console.log(`## quill vs Feathers ${feathersVersion}: ${os.cpus().length} cores, Node ${process.version}, ${options.seconds} s phases, quill write_delay_ms = ${options.writeDelayMs}\n`);
     for (const scenario of plan(options)) {
       const rows = [];
       for (let round = 1; round <= options.rounds; round += 1) {

@@ -171,7 +171,7 @@ pub(super) async fn write_frames<Tx>(
     let (kicked, shutdown) = (kick.fired(), state.shutdown.cancelled());
     tokio::pin!(kicked, shutdown);
     loop {
-        let first = tokio::select! {
+        let (first, pause) = tokio::select! {
             cutoff = &mut kicked => return close(tx, cutoff, limits.write_timeout()).await,
             _ = &mut shutdown => {
                 // Deliver what is already queued, within a bound, then say goodbye.
@@ -187,15 +187,24 @@ pub(super) async fn write_frames<Tx>(
                 let _ = tokio::time::timeout(SHUTDOWN_FLUSH, flush).await;
                 return;
             }
-            Some(frame) = frames.recv() => match encode(frame) {
-                Some(text) => Outbound::Text(text),
-                None => continue,
-            },
-            _ = ping.tick() => Outbound::Ping,
+            Some(frame) = frames.recv() => {
+                // With a write delay, a change that found the queue (nearly) empty waits
+                // for others to share its write; a backlog, a reply or a ping goes at once.
+                let is_change = matches!(frame, Frame::Event(_) | Frame::Routed { .. });
+                let pause = if is_change && frames.len() < BATCH { limits.write_delay() } else { Duration::ZERO };
+                match encode(frame) {
+                    Some(text) => (Outbound::Text(text), pause),
+                    None => continue,
+                }
+            }
+            _ = ping.tick() => (Outbound::Ping, Duration::ZERO),
         };
         // Write what is already queued in one go: one flush (one syscall) for a burst,
         // not one per event.
         let write = async {
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
             tx.feed(first).await.ok()?;
             for _ in 0..BATCH {
                 let Ok(frame) = frames.try_recv() else { break };

@@ -170,6 +170,13 @@ async fn forward(
                     auth.expire(&state);
                 }
                 Some(first) = member.frames.recv() => {
+                    // With a write delay, an event that found the queue (nearly) empty waits
+                    // for others to share its write (Engine.IO writes what it has queued in
+                    // one flush); a backlog goes at once.
+                    let delay = state.limits.write_delay();
+                    if !delay.is_zero() && matches!(first, Frame::Event(_)) && member.frames.len() < BATCH {
+                        tokio::time::sleep(delay).await;
+                    }
                     // Send what is already queued in one go: a turn of this select costs
                     // more than a send.
                     let queued = std::iter::once(first)
