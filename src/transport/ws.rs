@@ -188,8 +188,9 @@ pub(super) async fn write_frames<Tx>(
                 return;
             }
             Some(frame) = frames.recv() => {
-                // With a write delay, a change that found the queue (nearly) empty waits
-                // for others to share its write; a backlog, a reply or a ping goes at once.
+                // With a write delay, a change that finds no backlog (less than a batch
+                // queued) waits for others to share its write; a backlog, a reply or a ping
+                // goes at once.
                 let is_change = matches!(frame, Frame::Event(_) | Frame::Routed { .. });
                 let pause = if is_change && frames.len() < BATCH { limits.write_delay() } else { Duration::ZERO };
                 match encode(frame) {

@@ -170,9 +170,10 @@ async fn forward(
                     auth.expire(&state);
                 }
                 Some(first) = member.frames.recv() => {
-                    // With a write delay, an event that found the queue (nearly) empty waits
-                    // for others to share its write (Engine.IO writes what it has queued in
-                    // one flush); a backlog goes at once.
+                    // With a write delay, an event that finds no backlog (less than a batch
+                    // queued) waits for others to share its write (Engine.IO writes what it
+                    // has queued in one flush); a backlog goes at once. A cut-off or a
+                    // shutdown is seen after the delay, at most a second.
                     let delay = state.limits.write_delay();
                     if !delay.is_zero() && matches!(first, Frame::Event(_)) && member.frames.len() < BATCH {
                         tokio::time::sleep(delay).await;
