@@ -191,8 +191,9 @@ pub(super) async fn write_frames<Tx>(
                 // With a write delay, a change that finds no backlog (less than a batch
                 // queued) waits for others to share its write; a backlog, a reply or a ping
                 // goes at once.
-                let is_change = matches!(frame, Frame::Event(_) | Frame::Routed { .. });
-                let pause = if is_change && frames.len() < BATCH { limits.write_delay() } else { Duration::ZERO };
+                let delay = limits.write_delay();
+                let holds = !delay.is_zero() && matches!(frame, Frame::Event(_) | Frame::Routed { .. });
+                let pause = if holds && frames.len() < BATCH { delay } else { Duration::ZERO };
                 match encode(frame) {
                     Some(text) => (Outbound::Text(text), pause),
                     None => continue,
