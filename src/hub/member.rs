@@ -270,6 +270,9 @@ pub enum Cutoff {
 #[derive(Clone, Default)]
 pub struct Kick {
     pub(super) token: CancellationToken,
+    /// Set before the token is cancelled: the hub asks for every frame it offers, and asking
+    /// the token takes its lock.
+    fired: Arc<AtomicBool>,
     reason: Arc<Mutex<Option<(Cutoff, &'static str)>>>,
 }
 
@@ -278,7 +281,13 @@ impl Kick {
         if let Ok(mut slot) = self.reason.lock() {
             slot.get_or_insert((cutoff, reason));
         }
+        self.fired.store(true, Ordering::Release);
         self.token.cancel();
+    }
+
+    /// Whether the connection has been cut off.
+    pub(super) fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
     }
 
     /// Resolves when the connection must close; gives the reason.
@@ -329,7 +338,7 @@ impl Member {
     /// parked; false otherwise. Best-effort frames (broadcasts) never fill a queue that
     /// events need, and a client that stopped reading holds few of them.
     pub(super) fn offer_if_room(&self, frame: Frame) -> bool {
-        if self.kick.token.is_cancelled() || self.tx.capacity() * 4 < self.tx.max_capacity() * 3 {
+        if self.kick.is_fired() || self.tx.capacity() * 4 < self.tx.max_capacity() * 3 {
             return false;
         }
         match self.overflow.lock() {
@@ -342,7 +351,7 @@ impl Member {
     /// order holds).
     pub(super) fn offer(&self, frame: Frame) -> Offered {
         // Cut off: it gets nothing more and costs nothing more.
-        if self.kick.token.is_cancelled() {
+        if self.kick.is_fired() {
             return Offered::Gone;
         }
         let Ok(mut overflow) = self.overflow.lock() else {

@@ -782,7 +782,7 @@ impl Hub {
                 Held::Kept => return,
                 Held::NotHolding(live) => live,
                 Held::Overflow => {
-                    if !member.kick.token.is_cancelled() {
+                    if !member.kick.is_fired() {
                         self.metrics.slow_consumer_disconnects.inc();
                         member
                             .kick
@@ -854,7 +854,7 @@ impl Hub {
             parked
                 .iter()
                 .filter_map(|conn| state.members.get(conn))
-                .filter(|m| !m.kick.token.is_cancelled())
+                .filter(|m| !m.kick.is_fired())
                 .filter_map(|m| {
                     let mut overflow = m.overflow.lock().ok()?;
                     (!overflow.is_empty()).then(|| (m.tx.clone(), m.kick.clone(), overflow.drain(..).collect()))

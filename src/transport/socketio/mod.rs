@@ -241,7 +241,9 @@ async fn emit_within(
     payload: &Str,
     grace: Duration,
 ) -> Result<(), SendFailure> {
-    let deadline = tokio::time::Instant::now() + grace;
+    // Timed from the first full buffer: reading the clock for every event that fits costs
+    // more than the grace is worth.
+    let mut deadline = None;
     loop {
         match sockets.send(socket.id, payload) {
             Err(SendFailure::Full) => {}
@@ -250,6 +252,7 @@ async fn emit_within(
         if !socket.connected() {
             return Err(SendFailure::Closed);
         }
+        let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + grace);
         if tokio::time::Instant::now() >= deadline {
             return Err(SendFailure::Full);
         }
