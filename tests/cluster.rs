@@ -10,7 +10,7 @@ use sqlx::PgPool;
 
 use crate::support::nats::{MAX_PAYLOAD, Nats};
 use crate::support::pg::{TestDb, free_port};
-use crate::support::{Quill, Rng, WAIT, Ws, open_demo, seeds};
+use crate::support::{Quill, Rng, WAIT, Ws, http_client, open_demo, seeds};
 use quill::Config;
 use quill::config::ClusterConfig;
 
@@ -194,7 +194,7 @@ impl QuillProcess {
             .spawn()
             .expect("start the quill binary");
         let process = QuillProcess { child, port, dir };
-        let client = reqwest::Client::new();
+        let client = http_client();
         let deadline = tokio::time::Instant::now() + WAIT * 3;
         loop {
             if let Ok(r) = client.get(process.url("/metrics")).send().await

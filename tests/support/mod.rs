@@ -23,6 +23,16 @@ pub use ws::Ws;
 /// Every wait in the tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// An HTTP client that lets idle connections go before quill does: quill closes a
+/// keep-alive connection after `handshake_timeout_ms` (10 s) without a request, and a
+/// client that reuses it at that moment gets an incomplete message.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build()
+        .expect("an HTTP client")
+}
+
 /// Inserts messages with texts `from..to`, one statement each, as another program would.
 pub async fn insert_messages(pool: &PgPool, from: usize, to: usize) {
     for i in from..to {
@@ -104,7 +114,7 @@ impl Quill {
         let quill = Quill {
             addr,
             db,
-            http: reqwest::Client::new(),
+            http: http_client(),
             stop: Some(stop),
             task: Some(task),
         };
