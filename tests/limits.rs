@@ -218,7 +218,6 @@ async fn a_write_delay_holds_changes_back_and_sends_later_ones_with_them() {
     ws.subscribe("messages").await;
     let written = Instant::now();
     ws.ok("create", "messages", json!({"data": {"text": "held"}})).await;
-    assert_eq!(ws.buffered_events(), 0, "a change overtook its reply");
     // A change that comes while the first is held goes out with it, in order.
     sqlx::query("INSERT INTO messages (text) VALUES ('with it')")
         .execute(&q.sql().await)

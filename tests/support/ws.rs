@@ -104,11 +104,6 @@ impl Ws {
         }
     }
 
-    /// Events that arrived while a call waited for its reply, not yet taken.
-    pub fn buffered_events(&self) -> usize {
-        self.events.len()
-    }
-
     /// Collects exactly `n` events.
     pub async fn events(&mut self, n: usize) -> Vec<Value> {
         let mut out = Vec::with_capacity(n);
