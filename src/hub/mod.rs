@@ -140,9 +140,10 @@ enum Scope {
 /// kinds and query. For an update with its old row, a `/ws` subscription also learns when
 /// the row entered or left its scope; a socket.io one (every service, no query) and a
 /// Supabase-style one get the event where the row now is, as Feathers and Supabase do.
-fn scope(member: &Member, sub: &Subscription, prepared: &Prepared<'_>, visible_now: bool) -> Scope {
+/// `in_view_now`: the row is in one of the connection's channels now and it has a view of it.
+fn scope(member: &Member, sub: &Subscription, prepared: &Prepared<'_>, in_view_now: bool) -> Scope {
     let event = prepared.event;
-    let now = visible_now && reached(member, prepared) && sub.matches(event.kind, &event.data);
+    let now = in_view_now && sub.matches(event.kind, &event.data);
     let before = match (&event.old, sub.moves) {
         (Some(old), true) => {
             was_reached(member, prepared)
@@ -569,7 +570,8 @@ impl Hub {
             .filter(|prepared| may_filter(member, sub, prepared))
             .filter_map(|prepared| {
                 let view = prepared.view_for(user)?;
-                (scope(member, sub, prepared, true) == Scope::In).then(|| prepared.row_in_view(view))
+                (scope(member, sub, prepared, reached(member, prepared)) == Scope::In)
+                    .then(|| prepared.row_in_view(view))
             })
             .collect();
         permit.send(render(visible));
@@ -590,35 +592,37 @@ impl Hub {
         {
             let state = self.read();
             let service: &str = &prepared.event.service;
-            // The row's channels, and for an update the ones it was in: a subscriber there
-            // may see it leave.
-            let channel_sets: Vec<&HashSet<ConnId>> = prepared
-                .channels
+            // The row's channels, then, for an update, the ones it left: a subscriber there
+            // may see it leave. A connection found in the first part is in a channel the row
+            // is in now.
+            let lookup = |c: &String| state.channels.get(c.as_str());
+            let mut channel_sets: Vec<&HashSet<ConnId>> = prepared.channels.iter().filter_map(lookup).collect();
+            let now_sets = channel_sets.len();
+            let left = prepared
+                .old_channels
                 .iter()
-                // (the ones it left; the others are listed already)
-                .chain(
-                    prepared
-                        .old_channels
-                        .iter()
-                        .flatten()
-                        .filter(|c| !prepared.channels.contains(c)),
-                )
-                .filter_map(|c| state.channels.get(c.as_str()))
-                .collect();
+                .flatten()
+                .filter(|c| !prepared.channels.contains(c));
+            channel_sets.extend(left.filter_map(lookup));
             let in_channels: usize = channel_sets.iter().map(|s| s.len()).sum();
             let subscribers = state.by_service.get(service);
             let subscribed = subscribers.map_or(0, HashSet::len) + state.all_services.len();
             if in_channels <= subscribed {
-                // Walk the channels' members, each connection once.
+                // Walk the channels' members, each connection once (where it is first found,
+                // so in a channel the row is in now if it is in any).
                 let mut seen = HashSet::new();
-                for conn in channel_sets.iter().flat_map(|s| s.iter()) {
+                let found = channel_sets
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, s)| s.iter().map(move |c| (c, i < now_sets)));
+                for (conn, reached_now) in found {
                     if channel_sets.len() > 1 && !seen.insert(*conn) {
                         continue;
                     }
                     if let Some(member) = state.members.get(conn)
                         && let Some(sub) = member.subscription(service)
                     {
-                        self.offer_to(*conn, member, sub, prepared);
+                        self.offer_to(*conn, member, sub, prepared, reached_now);
                     }
                 }
             } else {
@@ -628,11 +632,12 @@ impl Hub {
                     let Some(member) = state.members.get(conn) else {
                         continue;
                     };
+                    let reached_now = reached(member, prepared);
                     if let (true, Some(sub)) = (
-                        reached(member, prepared) || was_reached(member, prepared),
+                        reached_now || was_reached(member, prepared),
                         member.subscription(service),
                     ) {
-                        self.offer_to(*conn, member, sub, prepared);
+                        self.offer_to(*conn, member, sub, prepared, reached_now);
                     }
                 }
             }
@@ -650,7 +655,7 @@ impl Hub {
                 continue;
             };
             if let (true, Some(sub)) = (reached(member, prepared), member.subscription(service)) {
-                self.offer_to(*conn, member, sub, prepared);
+                self.offer_to(*conn, member, sub, prepared, true);
             }
         }
     }
@@ -712,10 +717,17 @@ impl Hub {
 
     /// Offers an event to a connection's Supabase-style channels on the service: one frame
     /// per channel whose bindings it matches, naming those bindings.
-    fn offer_routes(&self, conn: ConnId, member: &Member, sub: &Subscription, prepared: &mut Prepared<'_>) {
+    fn offer_routes(
+        &self,
+        conn: ConnId,
+        member: &Member,
+        sub: &Subscription,
+        prepared: &mut Prepared<'_>,
+        reached_now: bool,
+    ) {
         let user = member.principal.as_deref();
         let event = prepared.event;
-        let Some(view) = prepared.view_for(user).filter(|_| reached(member, prepared)) else {
+        let Some(view) = prepared.view_for(user).filter(|_| reached_now) else {
             self.metrics.events_filtered.inc();
             return;
         };
@@ -755,14 +767,23 @@ impl Hub {
         }
     }
 
-    fn offer_to(&self, conn: ConnId, member: &Member, sub: &Subscription, prepared: &mut Prepared<'_>) {
+    /// Offers the event to one subscriber; `reached_now` says whether the row is in one of
+    /// its channels now (the caller knows, and asking again costs a lookup per channel).
+    fn offer_to(
+        &self,
+        conn: ConnId,
+        member: &Member,
+        sub: &Subscription,
+        prepared: &mut Prepared<'_>,
+        reached_now: bool,
+    ) {
         if !sub.routes.is_empty() {
-            return self.offer_routes(conn, member, sub, prepared);
+            return self.offer_routes(conn, member, sub, prepared, reached_now);
         }
         let event = prepared.event;
         let view = prepared.view_for(member.principal.as_deref());
         let scope = match may_filter(member, sub, prepared) {
-            true => scope(member, sub, prepared, view.is_some()),
+            true => scope(member, sub, prepared, view.is_some() && reached_now),
             false => Scope::Out,
         };
         let mut frame = match (scope, view) {
@@ -830,7 +851,10 @@ impl Hub {
             return Replayed::Skip;
         }
         let view = prepared.view_for(member.principal.as_deref());
-        let frame = match (scope(member, sub, prepared, view.is_some()), view) {
+        let frame = match (
+            scope(member, sub, prepared, view.is_some() && reached(member, prepared)),
+            view,
+        ) {
             (Scope::In, Some(view)) => prepared.frame(view),
             (Scope::MovedIn, Some(view)) => prepared.moved_in_frame(view),
             (Scope::MovedOut, _) => prepared.moved_out_frame(),
