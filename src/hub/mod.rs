@@ -200,6 +200,13 @@ pub struct Membership {
     hub: Arc<Hub>,
 }
 
+impl Membership {
+    /// Cuts this connection off, as [`Hub::kick`] does.
+    pub fn cut_off(&self, cutoff: Cutoff, reason: &'static str) {
+        self.hub.kick(self.id, cutoff, reason);
+    }
+}
+
 impl Drop for Membership {
     fn drop(&mut self) {
         self.hub.remove(self.id);

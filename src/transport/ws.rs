@@ -21,16 +21,18 @@ use sqlx::PgPool;
 use tokio::sync::mpsc::{self, Sender, UnboundedReceiver};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::rest::error_response;
 use super::session::{Login, SessionAuth, sleep_until};
 use super::{AppState, ClientAddr, MAX_BODY_BYTES};
 use crate::auth::Principal;
 use crate::change::ResumeError;
+use crate::config::Limits;
 use crate::error::{Error, ErrorKind};
 use crate::event::EventKind;
 use crate::event::Position;
-use crate::hub::{ConnId, Cutoff, Frame, Kick, KindSet, ReplayId, Subscription};
+use crate::hub::{ConnId, Cutoff, Frame, KindSet, Membership, ReplayId, Subscription};
 use crate::resume::{self, ResumeFailed, Start, Subscriber, SyncedFrame};
 use crate::service::query::Query;
 use crate::service::{Method, Outcome, Service, ServiceCall};
@@ -143,7 +145,7 @@ where
         replies: member.replies.clone(),
         auth: SessionAuth::new(member.id, peer, login_tx),
     };
-    let writer = write_frames(&state, member.id, &mut member.frames, &member.kick, &mut tx, &encode);
+    let writer = write_frames(state.limits, &state.shutdown, &mut member, &mut tx, &encode);
     let reader = session.read_calls(&mut rx, logins);
     tokio::select! {
         () = writer => {}
@@ -155,20 +157,19 @@ where
 /// `encode` makes a frame's text in the connection's protocol (`None`: nothing to write).
 /// Every WebSocket protocol quill speaks writes through here.
 pub(super) async fn write_frames<Tx>(
-    state: &AppState,
-    conn: ConnId,
-    frames: &mut mpsc::Receiver<Frame>,
-    kick: &Kick,
+    limits: Limits,
+    shutdown: &CancellationToken,
+    member: &mut Membership,
     tx: &mut Tx,
     encode: &(dyn Fn(Frame) -> Option<Bytes> + Sync),
 ) where
     Tx: Sink<Outbound> + Unpin,
 {
-    let limits = state.limits;
+    let (frames, kick) = (&mut member.frames, &member.kick);
     let mut ping = tokio::time::interval_at(Instant::now() + limits.ping_interval(), limits.ping_interval());
     // Made once: a cancellation future registers with a token shared by every connection,
     // and making one per turn would take that token's lock for every write.
-    let (kicked, shutdown) = (kick.fired(), state.shutdown.cancelled());
+    let (kicked, shutdown) = (kick.fired(), shutdown.cancelled());
     tokio::pin!(kicked, shutdown);
     loop {
         let (first, pause) = tokio::select! {
@@ -215,20 +216,21 @@ pub(super) async fn write_frames<Tx>(
             }
             tx.flush().await.ok()
         };
-        tokio::select! {
-            written = tokio::time::timeout(limits.write_timeout(), write) => match written {
-                Ok(Some(())) => {}
-                Ok(None) => return, // the socket failed
-                Err(_) => {
-                    state.hub.kick(conn, Cutoff::SlowConsumer, "slow consumer: write timed out");
-                    return;
-                }
-            },
+        let written = tokio::select! {
+            written = tokio::time::timeout(limits.write_timeout(), write) => written,
             // Cut off mid-write (the hub gave up on it): what was written stays buffered
             // and the close frame goes behind it.
             cutoff = &mut kicked => return close(tx, cutoff, limits.write_timeout()).await,
             // Shutting down and the socket is not taking frames: do not wait for it.
             _ = &mut shutdown => return,
+        };
+        match written {
+            Ok(Some(())) => {}
+            Ok(None) => return, // the socket failed
+            Err(_) => {
+                member.cut_off(Cutoff::SlowConsumer, "slow consumer: write timed out");
+                return;
+            }
         }
     }
 }
@@ -794,4 +796,80 @@ fn error_frame(reference: &Value, error: &Error) -> Frame {
 
 fn to_bytes(value: &Value) -> Bytes {
     Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use super::*;
+    use crate::event::RenderedEvent;
+    use crate::hub::Hub;
+
+    /// What the writer wrote next, as text, and when.
+    async fn next_text(written: &mut futures::channel::mpsc::UnboundedReceiver<Outbound>) -> (Bytes, Instant) {
+        loop {
+            match written.next().await {
+                Some(Outbound::Text(text)) => return (text, Instant::now()),
+                Some(_) => continue,
+                None => panic!("the writer stopped"),
+            }
+        }
+    }
+
+    // Time is paused and only moves when every task waits for a timer, so "at once" is
+    // exact: a reply that waited for the delay would arrive with the clock moved.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_delay_holds_a_change_but_not_a_reply() {
+        let delay = Duration::from_millis(50);
+        let limits = Limits {
+            write_delay_ms: 50,
+            ..Limits::default()
+        };
+        let hub = Hub::new();
+        let mut member = hub.join(16);
+        let queue = member.replies.clone();
+        let (mut sink, mut written) = futures::channel::mpsc::unbounded::<Outbound>();
+        let shutdown = CancellationToken::new();
+        let encode = |frame: Frame| match frame {
+            Frame::Text(text) => Some(text),
+            Frame::Event(event) => Some(event.ws.clone()),
+            _ => None,
+        };
+        let writer = write_frames(limits, &shutdown, &mut member, &mut sink, &encode);
+        let checks = async {
+            let start = Instant::now();
+            queue
+                .send(Frame::Text(Bytes::from_static(b"reply")))
+                .await
+                .expect("queued");
+            let (text, at) = next_text(&mut written).await;
+            assert_eq!(
+                (&*String::from_utf8_lossy(&text), at - start),
+                ("reply", Duration::ZERO)
+            );
+
+            let change = RenderedEvent {
+                service: Arc::from("messages"),
+                kind: EventKind::Created,
+                seq: 1,
+                data: Bytes::from_static(b"{}"),
+                ws: Bytes::from_static(b"change"),
+                socketio: OnceLock::new(),
+            };
+            let queued_at = Instant::now();
+            queue.send(Frame::Event(Arc::new(change))).await.expect("queued");
+            let (text, at) = next_text(&mut written).await;
+            assert_eq!(String::from_utf8_lossy(&text), "change");
+            assert!(
+                at - queued_at >= delay,
+                "the change went out after {:?}",
+                at - queued_at
+            );
+        };
+        tokio::select! {
+            () = writer => panic!("the writer stopped"),
+            () = checks => {}
+        }
+    }
 }

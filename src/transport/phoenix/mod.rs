@@ -151,7 +151,7 @@ where
         broadcasts: (BROADCASTS_PER_SECOND, Instant::now()),
     };
     session.apply_holder();
-    let writer = write_frames(&state, member.id, &mut member.frames, &member.kick, &mut tx, &encode);
+    let writer = write_frames(state.limits, &state.shutdown, &mut member, &mut tx, &encode);
     let reader = session.read(&mut rx, logouts);
     tokio::select! {
         () = writer => {}
