@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -57,11 +57,16 @@ pub(super) fn layer(state: AppState) -> SocketIoLayer<FeathersAdapter> {
         .ping_timeout(limits.idle_timeout().saturating_sub(limits.ping_interval()))
         .connect_timeout(limits.handshake_timeout())
         .build_layer();
-    let (connections, metrics) = (state.connections.clone(), state.metrics.clone());
+    let (connections, metrics, prepare_state) = (state.connections.clone(), state.metrics.clone(), state.clone());
     let admit = move |socket: SocketRef| {
         let admitted = connections.admit(peer_of(&socket)).map(|permit| {
             // Dropped with the socket, which frees its place.
             socket.extensions.insert(Arc::new(permit));
+            // Here, not in the connect handler: socketioxide queues the client's
+            // confirmation (`40`) before it runs that handler, and drops a call that finds
+            // no handler, so a call sent as soon as the client is confirmed (Feathers
+            // re-authenticates at once) could be lost.
+            prepare(&socket, &prepare_state);
         });
         if admitted.is_err() {
             metrics.connections_refused.inc();
@@ -70,9 +75,7 @@ pub(super) fn layer(state: AppState) -> SocketIoLayer<FeathersAdapter> {
         std::future::ready(admitted)
     };
     let connect = move |socket: SocketRef| {
-        // Handlers are registered before the first await, so a call the client sends right
-        // after connecting (a re-authentication) is never dropped.
-        on_connect(socket, state.clone(), sockets.clone());
+        start(socket, state.clone(), sockets.clone());
         std::future::ready(())
     };
     io.ns("/", connect.with(admit));
@@ -87,12 +90,23 @@ struct Conn {
     closed: CancellationToken,
 }
 
+/// What the connect handler takes over from [`prepare`]: the hub membership and the
+/// logins its forwarding loop watches. Dropped with the socket if it never connects (its
+/// confirmation could not be sent), and with it the membership.
+#[derive(Clone)]
+struct Starting(Arc<Mutex<Option<Forwarded>>>);
+
+/// The connection's hub membership and the logins of its session.
+type Forwarded = (Membership, UnboundedReceiver<Login>);
+
 fn peer_of(socket: &SocketRef) -> Option<IpAddr> {
     socket.req_parts().extensions.get::<ClientAddr>().map(|c| c.0)
 }
 
-fn on_connect(socket: SocketRef, state: AppState, sockets: AdapterHandle) {
-    let peer = peer_of(&socket);
+/// Joins an admitted socket to the hub and registers its handlers, before socketioxide
+/// tells the client it is connected.
+fn prepare(socket: &SocketRef, state: &AppState) {
+    let peer = peer_of(socket);
     let member = state.hub.join(state.outgoing_queue);
     state.hub.subscribe_all(member.id);
     let (logins, login_rx) = mpsc::unbounded_channel();
@@ -101,7 +115,10 @@ fn on_connect(socket: SocketRef, state: AppState, sockets: AdapterHandle) {
         auth: SessionAuth::new(member.id, peer, logins),
         closed: CancellationToken::new(),
     };
-    socket.extensions.insert(conn.clone());
+    socket.extensions.insert(conn);
+    socket
+        .extensions
+        .insert(Starting(Arc::new(Mutex::new(Some((member, login_rx))))));
     let handler_state = state.clone();
     socket.on_fallback(
         move |s: SocketRef, Event(method): Event, RawArgs(args): RawArgs, ack: AckSender| {
@@ -123,15 +140,19 @@ fn on_connect(socket: SocketRef, state: AppState, sockets: AdapterHandle) {
             conn.closed.cancel();
         }
     });
-    tokio::spawn(forward(
-        socket,
-        sockets,
-        state,
-        member,
-        login_rx,
-        conn.auth,
-        conn.closed,
-    ));
+}
+
+/// Starts forwarding the hub's frames to a socket that is now connected.
+fn start(socket: SocketRef, state: AppState, sockets: AdapterHandle) {
+    let starting = socket.extensions.remove::<Starting>();
+    let taken = starting.and_then(|s| s.0.lock().ok()?.take());
+    let (Some(conn), Some((member, logins))) = (socket.extensions.get::<Conn>(), taken) else {
+        // Not prepared: it cannot be served.
+        tracing::warn!(socket = %socket.id, "socket.io socket connected without its hub membership");
+        let _ = socket.disconnect();
+        return;
+    };
+    tokio::spawn(forward(socket, sockets, state, member, logins, conn.auth, conn.closed));
 }
 
 /// Sends the hub's frames to the socket until it closes; the membership (and so every
