@@ -821,11 +821,11 @@ mod tests {
     // exact: a reply that waited for the delay would arrive with the clock moved.
     #[tokio::test(start_paused = true)]
     async fn a_write_delay_holds_a_change_but_not_a_reply() {
-        let delay = Duration::from_millis(50);
         let limits = Limits {
             write_delay_ms: 50,
             ..Limits::default()
         };
+        let delay = limits.write_delay();
         let hub = Hub::new();
         let mut member = hub.join(16);
         let queue = member.replies.clone();
