@@ -4,6 +4,7 @@
 //   node bench/feathers/compare.mjs [--quill target/release/quill]
 //     [--database-url postgres://postgres@127.0.0.1:5432/postgres] [--seconds 10] [--rounds 2]
 //     [--fanout 100,1000] [--idle 1000] [--rate 200] [--subscribers 10] [--only latency,fanout,idle]
+//     [--write-delay-ms 0] [--quill-subscribers socketio|ws]
 //
 // Each scenario runs against quill and Feathers in turn (quill, feathers, quill, …), prints one
 // JSON line per run and then a markdown table with the medians and their ratio.
@@ -121,11 +122,17 @@ function readOptions() {
       only: { type: 'string', default: 'latency,fanout,idle' },
       // quill's limits.write_delay_ms: 0 writes each event at once.
       'write-delay-ms': { type: 'string', default: '0' },
+      // What quill's fan-out subscribers speak: socket.io, as Feathers' do, or quill's own
+      // /ws (its delivery beside Feathers' socket.io one; the writers stay on socket.io).
+      'quill-subscribers': { type: 'string', default: 'socketio' },
     },
   });
   const only = values.only.split(',');
   const unknown = only.filter((name) => !['latency', 'fanout', 'idle'].includes(name));
   if (unknown.length > 0) throw new Error(`--only: unknown scenario ${unknown.join(', ')}`);
+  if (!['socketio', 'ws'].includes(values['quill-subscribers'])) {
+    throw new Error(`--quill-subscribers: socketio or ws, not ${values['quill-subscribers']}`);
+  }
   return {
     quill: path.resolve(values.quill),
     databaseUrl: values['database-url'],
@@ -137,6 +144,7 @@ function readOptions() {
     subscribers: positive('--subscribers', values.subscribers),
     writers: positive('--writers', values.writers),
     writeDelayMs: nonNegative('--write-delay-ms', values['write-delay-ms']),
+    quillSubscribers: values['quill-subscribers'],
     only,
   };
 }
@@ -419,20 +427,7 @@ function leanSubscriber(server) {
   });
   const subscriber = {
     ws,
-    /** Counts `messages created` events into `onEvent` until the sentinel arrives or the
-     * connection closes; resolves with 'sentinel' or 'cut off'. */
-    receive(onEvent) {
-      return new Promise((resolve) => {
-        ws.on('message', (data) => {
-          if (data.length === 1 && data[0] === PING) ws.send('3');
-          else if (data.subarray(0, EVENT_PREFIX.length).equals(EVENT_PREFIX)) {
-            if (data.includes(SENTINEL_FIELD)) resolve('sentinel');
-            else onEvent();
-          }
-        });
-        ws.once('close', () => resolve('cut off'));
-      });
-    },
+    receive: (onEvent) => countEvents(ws, EVENT_PREFIX, onEvent, (data) => data.length === 1 && data[0] === PING && ws.send('3')),
     disconnect: () => ws.terminate(),
   };
   return withTimeout(loggedIn, CALL_TIMEOUT_MS, 'lean socket.io login').then(
@@ -444,8 +439,58 @@ function leanSubscriber(server) {
   );
 }
 
+/** A fan-out subscriber on quill's own `/ws` protocol (`--quill-subscribers ws`): it logs in
+ * with the same token, subscribes to `messages` and counts their `created` events as the
+ * socket.io one does. */
+function leanWsSubscriber(server) {
+  const ws = new WebSocket(`${server.url.replace(/^http/, 'ws')}/ws`);
+  const subscribed = new Promise((resolve, reject) => {
+    ws.once('error', reject);
+    ws.once('close', () => reject(new Error('closed before subscribing')));
+    const login = { strategy: 'jwt', accessToken: server.token };
+    ws.once('open', () => ws.send(JSON.stringify({ ref: 1, method: 'create', service: 'authentication', data: login })));
+    const handshake = (data) => {
+      const reply = JSON.parse(data.toString());
+      if (reply.error) reject(new Error(`/ws call ${reply.ref} failed: ${JSON.stringify(reply.error)}`));
+      else if (reply.ref === 1) ws.send(JSON.stringify({ ref: 2, method: 'subscribe', service: 'messages' }));
+      else if (reply.ref === 2) {
+        ws.off('message', handshake);
+        resolve();
+      }
+    };
+    ws.on('message', handshake);
+  });
+  const subscriber = {
+    ws,
+    receive: (onEvent) => countEvents(ws, WS_EVENT_PREFIX, onEvent),
+    disconnect: () => ws.terminate(),
+  };
+  return withTimeout(subscribed, CALL_TIMEOUT_MS, '/ws login and subscribe').then(
+    () => subscriber,
+    (error) => {
+      ws.terminate();
+      throw error;
+    },
+  );
+}
+
+/** Counts the messages that start with `prefix` (`messages created` events) into `onEvent`,
+ * without decoding them, until the sentinel arrives or the connection closes; resolves with
+ * 'sentinel' or 'cut off'. `other` sees every other message. */
+function countEvents(ws, prefix, onEvent, other = () => {}) {
+  return new Promise((resolve) => {
+    ws.on('message', (data) => {
+      if (!data.subarray(0, prefix.length).equals(prefix)) other(data);
+      else if (data.includes(SENTINEL_FIELD)) resolve('sentinel');
+      else onEvent();
+    });
+    ws.once('close', () => resolve('cut off'));
+  });
+}
+
 const PING = '2'.charCodeAt(0);
 const EVENT_PREFIX = Buffer.from('42["messages created",');
+const WS_EVENT_PREFIX = Buffer.from('{"event":"created","service":"messages",');
 const SENTINEL_FIELD = Buffer.from(`"text":"${SENTINEL}"`);
 
 /** Passes a connection's `messages created` rows to `onRow` until the sentinel arrives or the
@@ -566,7 +611,8 @@ async function latency(server, options) {
  * counts their deliveries as well. */
 async function fanout(server, options, n) {
   const writers = await openClients(server, options.writers);
-  const subscribers = await openClients(server, n, leanSubscriber).catch((error) => {
+  const lean = server.name === 'quill' && options.quillSubscribers === 'ws' ? leanWsSubscriber : leanSubscriber;
+  const subscribers = await openClients(server, n, lean).catch((error) => {
     closeClients(writers);
     throw error;
   });
@@ -729,7 +775,7 @@ async function main() {
     for (const server of servers) server.token = await signUp(server);
 
     const feathersVersion = JSON.parse(fs.readFileSync(path.join(HERE, 'node_modules/@feathersjs/feathers/package.json'), 'utf8')).version;
-    console.log(`## quill vs Feathers ${feathersVersion}: ${os.cpus().length} cores, Node ${process.version}, ${options.seconds} s phases, quill write_delay_ms = ${options.writeDelayMs}\n`);
+    console.log(`## quill vs Feathers ${feathersVersion}: ${os.cpus().length} cores, Node ${process.version}, ${options.seconds} s phases, quill write_delay_ms = ${options.writeDelayMs}, quill's fan-out subscribers on ${options.quillSubscribers === 'ws' ? '/ws' : 'socket.io'}\n`);
     for (const scenario of plan(options)) {
       const rows = [];
       for (let round = 1; round <= options.rounds; round += 1) {
