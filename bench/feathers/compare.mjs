@@ -425,18 +425,8 @@ function leanSubscriber(server) {
     };
     ws.on('message', handshake);
   });
-  const subscriber = {
-    ws,
-    receive: (onEvent) => countEvents(ws, EVENT_PREFIX, onEvent, (data) => data.length === 1 && data[0] === PING && ws.send('3')),
-    disconnect: () => ws.terminate(),
-  };
-  return withTimeout(loggedIn, CALL_TIMEOUT_MS, 'lean socket.io login').then(
-    () => subscriber,
-    (error) => {
-      ws.terminate();
-      throw error;
-    },
-  );
+  const answerPing = (data) => data.length === 1 && data[0] === PING && ws.send('3');
+  return leanOnceReady(ws, loggedIn, 'lean socket.io login', (onEvent) => countEvents(ws, EVENT_PREFIX, onEvent, answerPing));
 }
 
 /** A fan-out subscriber on quill's own `/ws` protocol (`--quill-subscribers ws`): it logs in
@@ -460,13 +450,14 @@ function leanWsSubscriber(server) {
     };
     ws.on('message', handshake);
   });
-  const subscriber = {
-    ws,
-    receive: (onEvent) => countEvents(ws, WS_EVENT_PREFIX, onEvent),
-    disconnect: () => ws.terminate(),
-  };
-  return withTimeout(subscribed, CALL_TIMEOUT_MS, '/ws login and subscribe').then(
-    () => subscriber,
+  return leanOnceReady(ws, subscribed, '/ws login and subscribe', (onEvent) => countEvents(ws, WS_EVENT_PREFIX, onEvent));
+}
+
+/** A lean subscriber on `ws` once `ready` (its login) resolves within CALL_TIMEOUT_MS; the
+ * socket is closed if it does not. */
+function leanOnceReady(ws, ready, what, receive) {
+  return withTimeout(ready, CALL_TIMEOUT_MS, what).then(
+    () => ({ ws, receive, disconnect: () => ws.terminate() }),
     (error) => {
       ws.terminate();
       throw error;
