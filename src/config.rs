@@ -270,8 +270,9 @@ pub struct Limits {
     pub write_timeout_ms: u64,
     /// How long a WebSocket (`/ws`, socket.io, Supabase) waits after an event reaches its
     /// queue with no backlog (less than a batch of 64 frames) before writing, so that events
-    /// arriving meanwhile go out in the same write. 0 (the default) writes at once. Trades up to this much latency for fewer
-    /// socket writes, which is most of the cost of fanning out many events per second.
+    /// arriving meanwhile go out in the same write. 0 (the default) writes at once. Trades
+    /// up to this much latency for fewer socket writes, each of which costs the kernel
+    /// microseconds.
     pub write_delay_ms: u64,
     /// How long a client may take to send its HTTP request headers (the upgrade too).
     pub handshake_timeout_ms: u64,
